@@ -1,0 +1,139 @@
+"""The `probe` command line: thin typer commands that call one library function each.
+
+Library errors (ProbeError) become a short message and an exit code, never a traceback. Nothing heavy
+(torch, diffusers) is imported until a command needs it, so `--help` and `suites validate` are quick.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from probe.errors import ProbeError
+
+app = typer.Typer(
+    help="Evaluate and bias-probe SD-Turbo against its baselines: plan, generate, score, report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+suites_app = typer.Typer(help="Check suite files.", no_args_is_help=True)
+models_app = typer.Typer(help="Model presets: list them (default) or download one.")
+app.add_typer(suites_app, name="suites")
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: ProbeError) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
+
+
+@app.command()
+def run(
+    suite: Annotated[Path, typer.Argument(help="Suite YAML file, e.g. suites/smoke.yaml.")],
+    model: Annotated[str | None, typer.Option(help="Generate every job with this preset instead (e.g. tiny).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Keep the first N prompts of each probe.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Reports root; runs go to OUT/<suite>/<run-id>.")] = Path("reports"),
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: cuda if available).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 4,
+    cache_dir: Annotated[Path | None, typer.Option(help="Image cache (default: $PROBE_CACHE or the user cache).")] = None,
+    new: Annotated[bool, typer.Option("--new", help="Start a new run folder instead of resuming an unfinished one.")] = False,
+) -> None:
+    """Plan, generate (what is not cached yet) and write a run directory. Resumes interrupted runs."""
+    from probe.progress import RichProgress
+    from probe.runner import RunOptions, run_suite
+
+    options = RunOptions(model_override=model, limit=limit, reports_root=out_dir, device=device,
+                         batch_size=batch_size, cache_dir=cache_dir, new_run=new)
+    try:
+        summary = run_suite(suite, options, RichProgress(err))
+    except ProbeError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted:[/] finished images are kept; run the same command again to resume.")
+        raise typer.Exit(130) from None
+    c = summary.counts
+    verb = "resumed" if summary.resumed else "run"
+    out.print(f"{verb} {summary.run_dir}: planned {c.planned}, generated {c.generated}, cached {c.cached}, "
+              f"failed {c.failed} in {summary.wall_seconds:.1f} s", highlight=False)
+    if summary.failures:
+        for failure in summary.failures[:20]:
+            err.print(f"  failed {failure['model']} {failure['probe']} seed={failure['seed']} "
+                      f"steps={failure['steps']}: {failure['error']}", highlight=False, markup=False)
+        if len(summary.failures) > 20:
+            err.print(f"  ... and {len(summary.failures) - 20} more (see manifest.json)")
+        raise typer.Exit(1)
+
+
+@suites_app.command("validate")
+def validate(files: Annotated[list[Path], typer.Argument(help="Suite YAML files.")]) -> None:
+    """Check suites without running anything; print the jobs per probe and model."""
+    from probe.loader import load_suite
+    from probe.plan import count_jobs, plan_jobs
+
+    failed = False
+    for file in files:
+        try:
+            loaded = load_suite(file)
+        except ProbeError as exc:
+            err.print(str(exc), highlight=False, markup=False, soft_wrap=True)
+            failed = True
+            continue
+        counts = count_jobs(plan_jobs(loaded))
+        out.print(f"{file}: ok, {sum(counts.values())} jobs", highlight=False, soft_wrap=True)
+        table = Table()
+        for column in ("probe", "model", "jobs"):
+            table.add_column(column, justify="right" if column == "jobs" else "left")
+        for (probe_name, model_label), n in counts.items():
+            table.add_row(probe_name, model_label, str(n))
+        out.print(table)
+    if failed:
+        raise typer.Exit(2)
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context) -> None:
+    """List presets with hub ids, revisions and whether their weights are in the local cache."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from probe.models.loading import is_cached
+    from probe.models.registry import PRESETS
+
+    table = Table()
+    for column in ("preset", "hub id", "revision", "LoRA", "defaults", "cached"):
+        table.add_column(column)
+    for preset in PRESETS.values():
+        defaults = f"{preset.size[0]}x{preset.size[1]}, steps {list(preset.steps)}, guidance {preset.guidance}"
+        table.add_row(preset.name, preset.model_id, (preset.revision or "-")[:12], preset.lora_id or "-",
+                      defaults, "yes" if is_cached(preset) else "no")
+    out.print(table)
+
+
+@models_app.command("pull")
+def pull(name: Annotated[str, typer.Argument(help="Preset name, e.g. sd-turbo.")]) -> None:
+    """Download a preset's weights into the Hugging Face cache (needs internet)."""
+    from probe.models.loading import pull as pull_preset
+    from probe.models.registry import get_preset
+
+    try:
+        path = pull_preset(get_preset(name))
+    except ProbeError as exc:
+        raise _fail(exc) from None
+    out.print(f"{name}: cached at {path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Rich progress bars for `probe run`: one overall bar and one for the model group being generated."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+
+class ImagesPerSecondColumn(ProgressColumn):
+    """Throughput in images per second (rich's own speed column speaks in bytes)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("   - img/s" if speed is None else f"{speed:5.2f} img/s", style="progress.data.speed")
+
+
+class RichProgress:
+    """Implements the runner's Progress protocol with rich."""
+
+    def __init__(self, console: Console) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            ImagesPerSecondColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._overall: TaskID | None = None
+        self._group: TaskID | None = None
+
+    def start(self, total: int) -> None:
+        if total == 0:
+            return
+        self._progress.start()
+        self._overall = self._progress.add_task("all images", total=total)
+
+    def group(self, label: str, total: int) -> None:
+        if self._group is not None:
+            self._progress.update(self._group, visible=True)
+        self._group = self._progress.add_task(f"  {label}", total=total)
+
+    def advance(self, n: int) -> None:
+        for task in (self._overall, self._group):
+            if task is not None:
+                self._progress.advance(task, n)
+
+    def finish(self) -> None:
+        self._progress.stop()

@@ -1,0 +1,223 @@
+"""`probe run`: plan -> generate what is missing -> run directory. Resumable, nothing generated twice.
+
+The store is the source of truth for images; the run's progress log says what happened to each key.
+Re-running after a kill resumes the same run folder (same plan) and only generates what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from probe.loader import LoadedSuite, load_suite
+from probe.manifest import build_manifest, finish_manifest
+from probe.plan import plan_jobs, plan_sha256
+from probe.records import Job, JobResult, RunCounts
+from probe.rundir import RunDir
+from probe.store import ImageStore, link_or_copy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `probe run` was asked to do, beyond the suite itself."""
+
+    model_override: str | None = None
+    limit: int | None = None
+    reports_root: Path = Path("reports")
+    device: str | None = None
+    batch_size: int = 4
+    cache_dir: Path | None = None
+    new_run: bool = False
+
+
+class Progress(Protocol):
+    """What the runner reports while it works (the CLI draws rich progress bars from it)."""
+
+    def start(self, total: int) -> None: ...
+    def group(self, label: str, total: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NullProgress:
+    """Progress that shows nothing (library use, tests)."""
+
+    def start(self, total: int) -> None: ...
+    def group(self, label: str, total: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass
+class RunSummary:
+    """The outcome of `run_suite`."""
+
+    run_dir: Path
+    counts: RunCounts
+    wall_seconds: float
+    resumed: bool
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def resolve_device(device: str | None) -> str:
+    """The requested device, or CUDA when available, else CPU."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | None = None) -> RunSummary:
+    """Run a suite end to end (generation part); see the module docstring for the resume rules."""
+    progress = progress or NullProgress()
+    loaded = load_suite(suite_path)
+    device = resolve_device(options.device)
+    jobs = plan_jobs(loaded, model_override=options.model_override, limit=options.limit, device=device)
+    store = ImageStore(options.cache_dir)
+    suite_root = options.reports_root / loaded.suite.name
+    plan_hash = plan_sha256(jobs)
+    run = None if options.new_run else RunDir.find_resumable(suite_root, plan_hash)
+    resumed = run is not None
+    run = run or RunDir.create(suite_root)
+    started = time.time()
+    manifest = build_manifest(loaded, jobs, options, device, plan_hash)
+    previous = run.read_manifest()
+    if previous is not None:
+        manifest = manifest.model_copy(update={"started_at": previous.started_at})
+    run.write_manifest(manifest)
+
+    results = run.read_results()
+    todo = _pending(jobs, results, store, run)
+    if todo:
+        _preflight(todo)
+    progress.start(len(todo))
+    try:
+        _generate_all(todo, loaded, store, run, device, options.batch_size, progress)
+    finally:
+        progress.finish()
+    results = run.read_results()
+    run.write_jobs(jobs, results)
+    counts, failures = _count(jobs, results)
+    wall = time.time() - started
+    run.write_manifest(finish_manifest(manifest, counts, failures, wall))
+    run.update_latest()
+    return RunSummary(run_dir=run.path, counts=counts, wall_seconds=wall, resumed=resumed, failures=failures)
+
+
+def _pending(jobs: Sequence[Job], results: dict[str, JobResult], store: ImageStore, run: RunDir) -> list[Job]:
+    """One job per key still to generate; keys already in the store are linked and logged as cached."""
+    todo: dict[str, Job] = {}
+    cached: list[JobResult] = []
+    for job in jobs:
+        key = job.key
+        if key in todo or (key in results and results[key].status != "failed" and run.image_path(key).is_file()):
+            continue
+        if store.has(key):
+            link_or_copy(store.path(key), run.image_path(key))
+            if key not in results or results[key].status == "failed":
+                cached.append(JobResult(key=key, status="cached"))
+                results[key] = cached[-1]
+            continue
+        todo[key] = job
+    run.append_results(cached)
+    return list(todo.values())
+
+
+def _preflight(todo: Sequence[Job]) -> None:
+    """Fail before any generation if a model's weights are not available (no network waits)."""
+    from probe.models.loading import ensure_available
+
+    seen: set[tuple[object, ...]] = set()
+    for job in todo:
+        if job.pipeline_key not in seen:
+            seen.add(job.pipeline_key)
+            ensure_available(job)
+
+
+def _batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
+    """Jobs grouped by batch key (first-appearance order), in chunks of at most batch_size."""
+    groups: dict[tuple[object, ...], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.batch_key, []).append(job)
+    for group in groups.values():
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+def _generate_all(
+    todo: Sequence[Job], loaded: LoadedSuite, store: ImageStore, run: RunDir, device: str, batch_size: int,
+    progress: Progress,
+) -> None:
+    """Generate per pipeline (loaded once each), per batch; log every batch as soon as it is stored."""
+    by_pipeline: dict[tuple[object, ...], list[Job]] = {}
+    for job in todo:
+        by_pipeline.setdefault(job.pipeline_key, []).append(job)
+    for group in by_pipeline.values():
+        from probe.models.generate import PipelineAdapter
+
+        progress.group(f"{group[0].model} ({group[0].preset})", len(group))
+        adapter = PipelineAdapter.for_job(group[0], device)
+        init_images = _init_images(loaded, group)
+        for batch in _batches(group, batch_size):
+            run.append_results(_generate_batch(adapter, batch, init_images, store, run))
+            progress.advance(len(batch))
+
+
+def _generate_batch(adapter: object, batch: list[Job], init_images: dict[str, object], store: ImageStore,
+                    run: RunDir) -> list[JobResult]:
+    """Generate one batch; if the batch fails, retry its jobs one by one so one bad job fails alone."""
+    try:
+        return _store_batch(adapter, batch, init_images, store, run)
+    except Exception as exc:  # noqa: BLE001 - any generation error is recorded, the run goes on
+        if len(batch) == 1:
+            log.warning("job %s failed: %s", batch[0].key[:12], exc)
+            return [JobResult(key=batch[0].key, status="failed", error=f"{type(exc).__name__}: {exc}")]
+        return [r for job in batch for r in _generate_batch(adapter, [job], init_images, store, run)]
+
+
+def _store_batch(adapter: object, batch: list[Job], init_images: dict[str, object], store: ImageStore,
+                 run: RunDir) -> list[JobResult]:
+    started = time.perf_counter()
+    images = adapter.generate(batch, init_images)  # type: ignore[attr-defined]
+    seconds = (time.perf_counter() - started) / len(batch)
+    results = []
+    for job, image in zip(batch, images, strict=True):
+        link_or_copy(store.put(job.key, image), run.image_path(job.key))
+        results.append(JobResult(key=job.key, status="generated", seconds=seconds))
+    return results
+
+
+def _init_images(loaded: LoadedSuite, jobs: Sequence[Job]) -> dict[str, object]:
+    """Init images (RGB) by their suite-relative path, for the img2img jobs among `jobs`."""
+    from PIL import Image
+
+    wanted = {j.init_image for j in jobs if j.init_image}
+    images: dict[str, object] = {}
+    for items in loaded.init_images.values():
+        for item in items:
+            if item.path in wanted and item.path not in images:
+                with Image.open(item.absolute) as image:
+                    images[item.path] = image.convert("RGB")
+    return images
+
+
+def _count(jobs: Sequence[Job], results: dict[str, JobResult]) -> tuple[RunCounts, list[dict[str, str]]]:
+    """Counts per planned job (not per key) and the failures with their errors."""
+    counts = RunCounts(planned=len(jobs))
+    failures: list[dict[str, str]] = []
+    for job in jobs:
+        result = results.get(job.key)
+        status = result.status if result else "failed"
+        setattr(counts, status, getattr(counts, status) + 1)
+        if status == "failed":
+            error = (result.error if result else None) or "not generated"
+            failures.append({"key": job.key, "probe": job.probe, "model": job.model, "prompt": job.prompt,
+                             "seed": str(job.seed), "steps": str(job.steps), "error": error})
+    return counts, failures

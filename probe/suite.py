@@ -1,0 +1,222 @@
+"""The suite schema: the user-facing YAML contract (see DESIGN.md), as strict pydantic models.
+
+Shorthands (a model given as a preset name, a prompt given as a string, `seeds: 16`, `size: 512`)
+are normalised before validation so each field has one shape and errors have one path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Scalar = str | int | float | bool | None
+ProbeKind = Literal["quality", "demographic", "text", "img2img"]
+
+
+class StrictModel(BaseModel):
+    """Base for suite records: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _size_pair(value: Any) -> Any:
+    """`512` -> [512, 512]; sizes must be positive multiples of 8 (the VAE downsamples by 8)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        bad = [v for v in value if v <= 0 or v % 8]
+        if bad:
+            raise ValueError(f"size {bad[0]} is not a positive multiple of 8 (width and height must be)")
+    return value
+
+
+class ModelEntry(StrictModel):
+    """One model in the comparison: a preset, optionally with its own settings and weights."""
+
+    preset: str
+    name: str | None = Field(default=None, description="Label in results; defaults to the preset name.")
+    model_id: str | None = Field(default=None, description="Hub id or local folder replacing the preset's.")
+    revision: str | None = None
+    lora_id: str | None = None
+    lora_revision: str | None = None
+    steps: list[int] | None = Field(default=None, min_length=1)
+    guidance: float | None = Field(default=None, ge=0)
+    size: tuple[int, int] | None = None
+
+    _size = field_validator("size", mode="before")(_size_pair)
+
+    @property
+    def label(self) -> str:
+        """Model label used in results and reports."""
+        return self.name or self.preset
+
+
+class PromptEntry(StrictModel):
+    """A literal prompt with optional per-prompt fields."""
+
+    prompt: str = Field(min_length=1)
+    text: str | None = Field(default=None, description="Target text the image should render.")
+    attrs: dict[str, Scalar] = Field(default_factory=dict)
+
+
+class PromptFile(StrictModel):
+    """Prompts read from a TSV/CSV file (path relative to the suite file)."""
+
+    file: str
+    column: str = "prompt"
+    text_column: str | None = None
+    attrs: list[str] = Field(default_factory=list, description="Columns carried to results.")
+    where: dict[str, list[str]] = Field(default_factory=dict, description="Keep rows whose column is in the list.")
+
+
+class VarValue(StrictModel):
+    """One value of a template variable, with attributes (e.g. a reference share) carried to results."""
+
+    value: str = Field(min_length=1)
+    attrs: dict[str, Scalar] = Field(default_factory=dict)
+
+
+class VarFile(StrictModel):
+    """Variable values read from a column of a TSV/CSV file (path relative to the suite file)."""
+
+    file: str
+    column: str
+    attrs: list[str] = Field(default_factory=list, description="Columns carried to results as attrs.")
+
+
+def _to_prompt_entries(value: Any) -> Any:
+    if isinstance(value, list):
+        return [{"prompt": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+def _to_var_values(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list):
+        return [{"value": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class Probe(StrictModel):
+    """A set of prompts and a generation grid, with the metrics that score its images."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: ProbeKind = "quality"
+    description: str = ""
+    template: str | None = Field(default=None, min_length=1)
+    vars: dict[str, list[VarValue] | VarFile] = Field(default_factory=dict)
+    prompts: list[PromptEntry] | PromptFile | None = None
+    attrs: dict[str, Scalar] = Field(default_factory=dict)
+    steps: list[int] | None = Field(default=None, min_length=1)
+    guidance: float | None = Field(default=None, ge=0)
+    strength: list[float] | None = Field(default=None, min_length=1)
+    init_images: list[str] | None = Field(default=None, min_length=1)
+    seeds: list[int] | None = Field(default=None, min_length=1)
+    metrics: list[str] = Field(default_factory=list)
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompts(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("the prompt list is empty")
+        return _to_prompt_entries(value)
+
+    @field_validator("vars", mode="before")
+    @classmethod
+    def _vars(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: _to_var_values(v) for k, v in value.items()}
+        return value
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, value: Any) -> Any:
+        return _seed_list(value)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: list[int] | None) -> list[int] | None:
+        return _positive_unique(value, "steps")
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, value: list[float] | None) -> list[float] | None:
+        for s in value or []:
+            if not 0 < s <= 1:
+                raise ValueError(f"strength {s} is outside (0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> Probe:
+        if (self.template is None) == (self.prompts is None):
+            raise ValueError("give exactly one of `template` (with `vars`) or `prompts`")
+        if self.prompts is not None and self.vars:
+            raise ValueError("`vars` only applies to a `template`")
+        return self
+
+
+class Check(StrictModel):
+    """A quality gate evaluated by `probe check` (see the CI gate issue)."""
+
+    metric: str
+    probe: str | None = None
+    model: str | None = None
+    steps: int | None = None
+    min: float | None = None
+    max: float | None = None
+    max_drop: float | None = None
+    max_increase: float | None = None
+    mode: Literal["strict", "significant"] = "significant"
+
+
+def _seed_list(value: Any) -> Any:
+    """`16` -> [0..15]; seeds must be distinct non-negative integers."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError("seeds must be a positive count or a list of seeds")
+        return list(range(value))
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        if any(v < 0 for v in value) or len(set(value)) != len(value):
+            raise ValueError("seeds must be distinct non-negative integers")
+    return value
+
+
+def _positive_unique(value: list[int] | None, what: str) -> list[int] | None:
+    if value is not None and (any(v < 1 for v in value) or len(set(value)) != len(value)):
+        raise ValueError(f"{what} must be distinct integers >= 1")
+    return value
+
+
+class Suite(StrictModel):
+    """A declarative evaluation: models x probes x grid. The first model is the subject."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    models: list[ModelEntry] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
+    size: tuple[int, int] | None = None
+    probes: list[Probe] = Field(min_length=1)
+    checks: list[Check] = Field(default_factory=list)
+
+    _size = field_validator("size", mode="before")(_size_pair)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"preset": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, value: Any) -> Any:
+        return _seed_list(value)
+
+
+ALL_FIELD_NAMES: frozenset[str] = frozenset(
+    name
+    for model in (Suite, Probe, ModelEntry, PromptEntry, PromptFile, VarValue, VarFile, Check)
+    for name in model.model_fields
+)
