@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from probe.errors import UsageError, suggest
 from probe.metrics.catalog import METRICS
 from probe.models.registry import PRESETS
-from probe.suite import ALL_FIELD_NAMES, Probe, PromptFile, Suite, VarFile
+from probe.suite import ALL_FIELD_NAMES, MetricSpec, Probe, PromptFile, Suite, VarFile
 from probe.yamlsrc import FieldPath, YamlProblem, format_path, line_of, load_yaml
 
 Issue = tuple[FieldPath, str]
@@ -94,7 +94,7 @@ def load_suite(path: str | Path) -> LoadedSuite:
     prompts: dict[str, list[PromptItem]] = {}
     images: dict[str, list[InitImage]] = {}
     _check_models(suite, issues)
-    _check_probes(suite, issues)
+    _check_probes(suite, issues, path.parent)
     for index, probe in enumerate(suite.probes):
         where: FieldPath = ("probes", index)
         prompts[probe.name] = _expand_prompts(probe, path.parent, where, issues)
@@ -151,23 +151,60 @@ def _check_models(suite: Suite, issues: list[Issue]) -> None:
         labels.add(entry.label)
 
 
-def _check_probes(suite: Suite, issues: list[Issue]) -> None:
+def _check_probes(suite: Suite, issues: list[Issue], base: Path) -> None:
     names: set[str] = set()
     labels = {m.label for m in suite.models}
     for index, probe in enumerate(suite.probes):
         if probe.name in names:
             issues.append((("probes", index, "name"), f"duplicate probe name {probe.name!r}"))
         names.add(probe.name)
-        for m_index, metric in enumerate(probe.metrics):
-            if metric not in METRICS:
-                issues.append((("probes", index, "metrics", m_index), f"unknown metric {metric!r}{suggest(metric, METRICS)}"))
+        for m_index, spec in enumerate(probe.metrics):
+            _check_metric(suite, probe, spec, ("probes", index, "metrics", m_index), issues, base)
     for index, check in enumerate(suite.checks):
-        if check.metric not in METRICS:
+        if check.metric not in METRICS:  # a metric name, not a spec
             issues.append((("checks", index, "metric"), f"unknown metric {check.metric!r}{suggest(check.metric, METRICS)}"))
         if check.probe is not None and check.probe not in names:
             issues.append((("checks", index, "probe"), f"unknown probe {check.probe!r}{suggest(check.probe, names)}"))
         if check.model is not None and check.model not in labels:
             issues.append((("checks", index, "model"), f"unknown model {check.model!r}{suggest(check.model, labels)}"))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, sorted (empty when it is not a folder)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _check_metric(
+    suite: Suite, probe: Probe, spec: MetricSpec, where: FieldPath, issues: list[Issue], base: Path
+) -> None:
+    """Known metric; set metrics need a reference that exists; group_by names real variables."""
+    info = METRICS.get(spec.name)
+    if info is None:
+        issues.append((where, f"unknown metric {spec.name!r}{suggest(spec.name, METRICS)}"))
+        return
+    if info.kind == "image":
+        if spec.reference is not None or spec.group_by:
+            issues.append((where, f"{spec.name} is a per-image metric: `reference` and `group_by` do not apply"))
+        return
+    if spec.reference is None:
+        issues.append((where, f"{spec.name} compares sets of images: give `reference: {{model: LABEL}}` "
+                              "or `reference: {folder: PATH}`"))
+        return
+    labels = [m.label for m in suite.models]
+    if spec.reference.model is not None and spec.reference.model not in labels:
+        issues.append(((*where, "reference", "model"),
+                       f"unknown model {spec.reference.model!r}{suggest(spec.reference.model, labels)}"))
+    if spec.reference.folder is not None and not image_files(base / spec.reference.folder):
+        issues.append(((*where, "reference", "folder"), f"no images (png/jpg/webp) in {base / spec.reference.folder}"))
+    for g_index, name in enumerate(spec.group_by):
+        if name not in probe.vars:
+            issues.append(((*where, "group_by", g_index), f"{name!r} is not a variable of this probe"
+                                                          f"{suggest(name, probe.vars)}"))
 
 
 def _template_fields(template: str) -> list[str]:
@@ -197,7 +234,8 @@ def _expand_prompts(probe: Probe, base: Path, where: FieldPath, issues: list[Iss
         return []
     for name in names:
         if name not in probe.vars:
-            issues.append(((*where, "template"), f"template uses {{{name}}} but `vars` has no {name!r}{suggest(name, probe.vars)}"))
+            hint = suggest(name, probe.vars)
+            issues.append(((*where, "template"), f"template uses {{{name}}} but `vars` has no {name!r}{hint}"))
     values: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for name, spec in probe.vars.items():
         vpath = (*where, "vars", name)
@@ -233,10 +271,9 @@ def _prompts_from_file(spec: PromptFile, base: Path, ppath: FieldPath, issues: l
     rows = [r for r in rows if all(r[c] in allowed for c, allowed in spec.where.items())]
     if not rows and not issues:
         issues.append((ppath, f"no prompts left in {spec.file} after `where`"))
-    return [
-        PromptItem(prompt=r[spec.column], attrs={a: r[a] for a in spec.attrs}, text=r[spec.text_column] if spec.text_column else None)
-        for r in rows
-    ]
+    text = spec.text_column
+    return [PromptItem(prompt=r[spec.column], attrs={a: r[a] for a in spec.attrs}, text=r[text] if text else None)
+            for r in rows]
 
 
 def _read_table(file: Path, columns: list[str], where: FieldPath, issues: list[Issue]) -> list[dict[str, str]]:

@@ -75,7 +75,8 @@ def build_manifest(
 
 
 def finish_manifest(
-    manifest: RunManifest, counts: RunCounts, failures: list[dict[str, str]], wall_seconds: float
+    manifest: RunManifest, counts: RunCounts, failures: list[dict[str, str]], wall_seconds: float,
+    metrics: dict[str, dict[str, object]] | None = None,
 ) -> RunManifest:
     """The manifest of a finished run: counts, failures, end time."""
     return manifest.model_copy(update={
@@ -84,6 +85,7 @@ def finish_manifest(
         "wall_seconds": round(wall_seconds, 3),
         "counts": counts,
         "failures": failures,
+        "metrics": metrics or {},
     })
 
 

@@ -14,7 +14,7 @@ from probe.errors import UsageError, suggest
 from probe.loader import InitImage, LoadedSuite
 from probe.models.registry import PRESETS, TINY_ID, Preset
 from probe.records import Job
-from probe.suite import ModelEntry, Probe
+from probe.suite import ModelEntry
 
 
 @dataclass(frozen=True)

@@ -29,28 +29,37 @@ class RichProgress:
     """Implements the runner's Progress protocol with rich."""
 
     def __init__(self, console: Console) -> None:
-        self._progress = Progress(
+        self._console = console
+        self._progress = self._new()
+        self._running = False
+        self._overall: TaskID | None = None
+        self._group: TaskID | None = None
+
+    def _new(self) -> Progress:
+        return Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             ImagesPerSecondColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=console,
+            console=self._console,
             transient=False,
         )
-        self._overall: TaskID | None = None
-        self._group: TaskID | None = None
+
+    def _ensure_running(self) -> None:
+        if not self._running:
+            self._progress.start()
+            self._running = True
 
     def start(self, total: int) -> None:
         if total == 0:
             return
-        self._progress.start()
+        self._ensure_running()
         self._overall = self._progress.add_task("all images", total=total)
 
     def group(self, label: str, total: int) -> None:
-        if self._group is not None:
-            self._progress.update(self._group, visible=True)
+        self._ensure_running()
         self._group = self._progress.add_task(f"  {label}", total=total)
 
     def advance(self, n: int) -> None:
@@ -59,4 +68,9 @@ class RichProgress:
                 self._progress.advance(task, n)
 
     def finish(self) -> None:
-        self._progress.stop()
+        """Stop drawing; the next phase (scoring) gets fresh bars."""
+        if self._running:
+            self._progress.stop()
+        self._progress = self._new()
+        self._running = False
+        self._overall = self._group = None

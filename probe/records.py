@@ -132,3 +132,6 @@ class RunManifest(BaseModel):
     wall_seconds: float | None = None
     counts: RunCounts = Field(default_factory=RunCounts)
     failures: list[dict[str, str]] = Field(default_factory=list)
+    metrics: dict[str, dict[str, object]] = Field(
+        default_factory=dict, description="Per metric: its configuration (model, revision, preprocessing, config_id)."
+    )

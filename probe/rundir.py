@@ -13,6 +13,7 @@ from pathlib import Path
 
 from probe.records import Job, JobResult, RunManifest
 from probe.store import atomic_write_bytes
+from probe.tables import write_parquet_atomic
 
 MANIFEST = "manifest.json"
 JOBS = "jobs.parquet"
@@ -101,9 +102,7 @@ class RunDir:
         for column in frame.columns:
             if column.startswith("attr_") and frame[column].map(type).nunique() > 1:
                 frame[column] = frame[column].map(lambda v: None if v is None else str(v))
-        tmp = self.path / f".{JOBS}.tmp"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, self.path / JOBS)
+        write_parquet_atomic(frame, self.path / JOBS)
 
     def update_latest(self) -> None:
         """Point <suite>/latest at this run (a relative symlink, replaced atomically)."""

@@ -22,6 +22,8 @@ from probe.store import ImageStore, link_or_copy
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -34,6 +36,7 @@ class RunOptions:
     batch_size: int = 4
     cache_dir: Path | None = None
     new_run: bool = False
+    clip_model: str | None = None
 
 
 class Progress(Protocol):
@@ -83,6 +86,7 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     store = ImageStore(options.cache_dir)
     suite_root = options.reports_root / loaded.suite.name
     plan_hash = plan_sha256(jobs)
+    _preflight([j for j in jobs if not store.has(j.key)])  # before any folder is made or work started
     run = None if options.new_run else RunDir.find_resumable(suite_root, plan_hash)
     resumed = run is not None
     run = run or RunDir.create(suite_root)
@@ -95,8 +99,6 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
 
     results = run.read_results()
     todo = _pending(jobs, results, store, run)
-    if todo:
-        _preflight(todo)
     progress.start(len(todo))
     try:
         _generate_all(todo, loaded, store, run, device, options.batch_size, progress)
@@ -105,10 +107,51 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     results = run.read_results()
     run.write_jobs(jobs, results)
     counts, failures = _count(jobs, results)
+    metric_configs = score_and_aggregate(run.path, loaded, jobs, options, device, progress)
     wall = time.time() - started
-    run.write_manifest(finish_manifest(manifest, counts, failures, wall))
+    run.write_manifest(finish_manifest(manifest, counts, failures, wall, metric_configs))
     run.update_latest()
     return RunSummary(run_dir=run.path, counts=counts, wall_seconds=wall, resumed=resumed, failures=failures)
+
+
+def clip_model_for(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions) -> str:
+    """The run's one CLIP: --clip-model, else the suite's, else tiny for all-tiny runs, else CLIP ViT-L/14."""
+    if options.clip_model:
+        return options.clip_model
+    if loaded.suite.clip_model:
+        return loaded.suite.clip_model
+    if jobs and all(j.preset == "tiny" for j in jobs):
+        return "tiny"
+    return DEFAULT_CLIP
+
+
+def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions, device: str,
+                        progress: Progress) -> dict[str, dict[str, object]]:
+    """Score what the probes list, then write aggregates.parquet and deltas.parquet; returns metric configs."""
+    import pandas as pd
+
+    from probe.analysis.aggregate import aggregate, paired_deltas
+    from probe.metrics.base import ScoringContext
+    from probe.metrics.features import FeatureCache
+    from probe.scoring import read_scores, score_run
+    from probe.tables import write_parquet_atomic
+
+    specs = {p.name: list(p.metrics) for p in loaded.suite.probes if p.metrics}
+    frame = pd.read_parquet(run_dir / "jobs.parquet")
+    configs: dict[str, dict[str, object]] = {}
+    if specs:
+        ctx = ScoringContext(features=FeatureCache(options.cache_dir), device=device, run_dir=run_dir,
+                             clip_model=clip_model_for(loaded, jobs, options), base_dir=loaded.base_dir)
+        try:
+            counts = score_run(run_dir, frame, specs, ctx, progress)
+        finally:
+            progress.finish()
+        configs = counts.configs
+    scores = read_scores(run_dir)
+    write_parquet_atomic(aggregate(frame, scores), run_dir / "aggregates.parquet")
+    subject = loaded.suite.models[0].label
+    write_parquet_atomic(paired_deltas(frame, scores, subject), run_dir / "deltas.parquet")
+    return configs
 
 
 def _pending(jobs: Sequence[Job], results: dict[str, JobResult], store: ImageStore, run: RunDir) -> list[Job]:
@@ -132,6 +175,8 @@ def _pending(jobs: Sequence[Job], results: dict[str, JobResult], store: ImageSto
 
 def _preflight(todo: Sequence[Job]) -> None:
     """Fail before any generation if a model's weights are not available (no network waits)."""
+    if not todo:
+        return
     from probe.models.loading import ensure_available
 
     seen: set[tuple[object, ...]] = set()

@@ -99,6 +99,37 @@ def _to_var_values(value: Any) -> Any:
     return value
 
 
+class MetricReference(StrictModel):
+    """What a set metric (fid, kid, cmmd) compares each group of images with."""
+
+    model: str | None = Field(default=None, description="Another model's images in the same probe.")
+    steps: int | None = Field(default=None, description="Only that model's images at these steps.")
+    folder: str | None = Field(default=None, description="A folder of real images (relative to the suite).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MetricReference:
+        if (self.model is None) == (self.folder is None):
+            raise ValueError("give exactly one of `model` or `folder`")
+        if self.steps is not None and self.model is None:
+            raise ValueError("`steps` only applies to a `model` reference")
+        return self
+
+
+class MetricSpec(StrictModel):
+    """A metric by name with its arguments; `clip_score` is shorthand for `{name: clip_score}`."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict, description="Passed to the metric's constructor.")
+    reference: MetricReference | None = Field(default=None, description="Set metrics: what to compare with.")
+    group_by: list[str] = Field(default_factory=list, description="Set metrics: extra variables to group by.")
+
+
+def _to_metric_specs(value: Any) -> Any:
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
 class Probe(StrictModel):
     """A set of prompts and a generation grid, with the metrics that score its images."""
 
@@ -114,7 +145,9 @@ class Probe(StrictModel):
     strength: list[float] | None = Field(default=None, min_length=1)
     init_images: list[str] | None = Field(default=None, min_length=1)
     seeds: list[int] | None = Field(default=None, min_length=1)
-    metrics: list[str] = Field(default_factory=list)
+    metrics: list[MetricSpec] = Field(default_factory=list)
+
+    _metrics = field_validator("metrics", mode="before")(_to_metric_specs)
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -197,6 +230,9 @@ class Suite(StrictModel):
     models: list[ModelEntry] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
     size: tuple[int, int] | None = None
+    clip_model: str | None = Field(
+        default=None, description="CLIP for every CLIP-based metric: hub id, local folder, or 'tiny'."
+    )
     probes: list[Probe] = Field(min_length=1)
     checks: list[Check] = Field(default_factory=list)
 
@@ -217,6 +253,6 @@ class Suite(StrictModel):
 
 ALL_FIELD_NAMES: frozenset[str] = frozenset(
     name
-    for model in (Suite, Probe, ModelEntry, PromptEntry, PromptFile, VarValue, VarFile, Check)
+    for model in (Suite, Probe, ModelEntry, PromptEntry, PromptFile, VarValue, VarFile, Check, MetricSpec, MetricReference)
     for name in model.model_fields
 )

@@ -5,5 +5,24 @@ A metric appears here only once it is implemented and tested; suites are validat
 
 from __future__ import annotations
 
-#: metric name -> "module:attr" of its scorer, imported only when a run scores with it.
-METRICS: dict[str, str] = {}
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What validation and reports need to know about a metric without importing it."""
+
+    target: str
+    """"module:attr" of the metric's class, imported only when a run scores with it."""
+    kind: Literal["image", "set"]
+    direction: Literal["higher", "lower", "none"]
+    description: str
+
+
+METRICS: dict[str, MetricInfo] = {
+    "clip_score": MetricInfo("probe.metrics.clip:ClipScore", "image", "higher",
+                             "prompt-image alignment: 100*max(cos(image, prompt), 0) on CLIP embeddings"),
+    "cmmd": MetricInfo("probe.metrics.clip:Cmmd", "set", "lower",
+                       "CLIP-embedding MMD to a reference set (Jayasumana et al. 2024), small-sample friendly"),
+}

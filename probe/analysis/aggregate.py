@@ -1,0 +1,82 @@
+"""Aggregates of a run: per probe x model x steps x strength means with prompt-clustered CIs, and paired deltas.
+
+Reads only the run's tables (jobs and scores), never a model. The report, the notebooks API and
+`probe check` all call these functions, so they show the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from probe.analysis.stats import cluster_bootstrap, paired_delta
+
+GRID = ["probe", "model", "steps", "strength"]
+AGGREGATE_COLUMNS = [*GRID, "metric", "kind", "mean", "low", "high", "n_prompts", "n_images", "reference", "group"]
+DELTA_COLUMNS = ["probe", "metric", "model", "steps", "baseline", "baseline_steps", "strength", "mean", "low", "high",
+                 "n_pairs", "n_prompts", "excludes_zero"]
+
+
+def latest_config(scores: pd.DataFrame) -> pd.DataFrame:
+    """Keep, per metric, only rows of the configuration written last (a re-score with a new CLIP wins)."""
+    if scores.empty:
+        return scores
+    last = scores.groupby("metric")["config_id"].last()
+    return scores[scores["config_id"] == scores["metric"].map(last)]
+
+
+def per_image(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """Per-image scores joined to their jobs: one row per (job, metric) with value, label and text."""
+    rows = latest_config(scores)
+    rows = rows[rows["key"].notna()][["metric", "key", "value", "label", "text"]]
+    usable = jobs[jobs["image"].notna()]
+    return usable.merge(rows.rename(columns={"text": "score_text"}), on="key", how="inner")
+
+
+def aggregate(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """Means with 95% CIs (bootstrap over prompts) for per-image metrics, plus the set-metric rows."""
+    records = []
+    frame = per_image(jobs, scores)
+    frame = frame[frame["value"].notna()]
+    for coords, group in frame.groupby([*GRID, "metric"], dropna=False, sort=True):
+        est = cluster_bootstrap(group["value"].to_numpy(), group["prompt"].to_numpy())
+        records.append({**dict(zip([*GRID, "metric"], coords, strict=True)), "kind": "image", "mean": est.mean,
+                        "low": est.low, "high": est.high, "n_prompts": est.n_clusters, "n_images": est.n,
+                        "reference": None, "group": None})
+    sets = latest_config(scores)
+    sets = sets[sets["key"].isna()] if not sets.empty else sets
+    for row in sets.itertuples():
+        records.append({"probe": row.probe, "model": row.model, "steps": row.steps, "strength": row.strength,
+                        "metric": row.metric, "kind": "set", "mean": row.value, "low": row.low, "high": row.high,
+                        "n_prompts": _n_prompts(jobs, row), "n_images": row.n, "reference": row.reference,
+                        "group": row.group})
+    return pd.DataFrame(records, columns=AGGREGATE_COLUMNS)
+
+
+def _n_prompts(jobs: pd.DataFrame, row: object) -> int:
+    mask = (jobs["probe"] == row.probe) & (jobs["model"] == row.model) & (jobs["steps"] == row.steps)  # type: ignore[attr-defined]
+    for column, value in json.loads(row.group or "{}").items():  # type: ignore[attr-defined]
+        mask &= jobs[column] == value
+    return int(jobs.loc[mask, "prompt"].nunique())
+
+
+def paired_deltas(jobs: pd.DataFrame, scores: pd.DataFrame, subject: str) -> pd.DataFrame:
+    """Subject minus each baseline per metric, paired by (prompt, seed, strength, init image), CI by prompt."""
+    frame = per_image(jobs, scores)
+    frame = frame[frame["value"].notna()]
+    pair_on = ["probe", "metric", "prompt", "seed", "strength", "init_image"]
+    mine = frame[frame["model"] == subject]
+    records = []
+    for baseline in [m for m in frame["model"].unique() if m != subject]:
+        theirs = frame[frame["model"] == baseline]
+        merged = mine.merge(theirs, on=pair_on, suffixes=("", "_b"), how="inner")
+        for coords, group in merged.groupby(["probe", "metric", "steps", "steps_b", "strength"], dropna=False):
+            probe, metric, steps, steps_b, strength = coords
+            est = paired_delta(group["value"].to_numpy(), group["value_b"].to_numpy(), group["prompt"].to_numpy())
+            records.append({"probe": probe, "metric": metric, "model": subject, "steps": steps, "baseline": baseline,
+                            "baseline_steps": steps_b, "strength": strength, "mean": est.mean, "low": est.low,
+                            "high": est.high, "n_pairs": est.n, "n_prompts": est.n_clusters,
+                            "excludes_zero": bool(not np.isnan(est.low) and est.excludes_zero)})
+    return pd.DataFrame(records, columns=DELTA_COLUMNS)

@@ -1,0 +1,171 @@
+"""End to end on the tiny model: `probe run` through the CLI, re-runs, kill-and-resume, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from probe.cli import app
+from tests.conftest import REPO, SUITES
+
+pytestmark = pytest.mark.slow
+
+
+def probe_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the installed CLI in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "probe.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def read_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return manifest, pd.read_parquet(run_dir / "jobs.parquet")
+
+
+def assert_complete(run_dir: Path, planned: int) -> pd.DataFrame:
+    """Every job present exactly once, with a readable PNG inside the run folder."""
+    manifest, jobs = read_run(run_dir)
+    assert manifest["status"] == "complete"
+    assert len(jobs) == planned == manifest["counts"]["planned"]
+    assert jobs.groupby(["probe", "model", "key"]).size().max() == 1
+    assert set(jobs["status"]) <= {"generated", "cached"}
+    for rel in jobs["image"]:
+        with Image.open(run_dir / rel) as image:
+            image.verify()
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
+    root = tmp_path_factory.mktemp("smoke")
+    cache = root / "cache"
+    proc = probe_cli("run", "suites/smoke.yaml", "--out", str(root / "reports"), env={"PROBE_CACHE": str(cache)})
+    return root, cache, proc
+
+
+def test_smoke_run_through_cli(smoke_run):
+    root, cache, proc = smoke_run
+    assert proc.returncode == 0, proc.stderr
+    latest = root / "reports" / "smoke" / "latest"
+    assert latest.is_symlink()
+    jobs = assert_complete(latest.resolve(), planned=46)
+    manifest, _ = read_run(latest)
+    assert manifest["counts"] == {"planned": 46, "generated": 46, "cached": 0, "failed": 0}
+    assert "generated 46" in proc.stdout
+    assert set(jobs["model"]) == {"tiny", "tiny-cfg"}
+    assert manifest["presets"]["tiny-cfg"]["model_id"] == "probe/tiny"
+    assert manifest["packages"]["torch"] and manifest["device"]["device"] == "cpu"
+    i2i = jobs[jobs["probe"] == "strength-sweep"]
+    assert sorted(set(i2i["strength"])) == [0.25, 0.5, 1.0] and set(i2i["init_image"]) == {"images/house.png"}
+    assert (jobs["seconds"] > 0).all()
+    assert len(list(cache.glob("images/*/*.png"))) == 46
+
+
+def test_rerun_generates_nothing(smoke_run):
+    root, cache, first = smoke_run
+    assert first.returncode == 0
+    proc = probe_cli("run", "suites/smoke.yaml", "--out", str(root / "reports"), env={"PROBE_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr
+    manifest, _ = read_run(root / "reports" / "smoke" / "latest")
+    assert manifest["counts"] == {"planned": 46, "generated": 0, "cached": 46, "failed": 0}
+
+
+def test_run_directory_is_portable(smoke_run, tmp_path):
+    root, cache, first = smoke_run
+    assert first.returncode == 0
+    moved = tmp_path / "elsewhere"
+    shutil.copytree((root / "reports" / "smoke" / "latest").resolve(), moved)
+    _, jobs = read_run(moved)
+    for rel in jobs["image"]:
+        assert (moved / rel).is_file()
+        with Image.open(moved / rel) as image:
+            assert image.size == (64, 64)
+
+
+KILL_SUITE = """
+name: killme
+models: [tiny]
+seeds: 24
+probes:
+  - name: p
+    prompts: [a red apple, a blue car, a green tree]
+    steps: [1, 4]
+"""
+
+
+def test_resume_after_sigkill(write_suite, tmp_path):
+    suite = write_suite(KILL_SUITE)
+    env = {**os.environ, "PROBE_CACHE": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "probe.cli", "run", str(suite), "--out", str(tmp_path / "reports"), "--batch-size", "2"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = None
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        found = list((tmp_path / "reports" / "killme").glob("*/progress.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 10:
+            progress = found[0]
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert progress is not None, "the run never got going"
+    done_before = len(progress.read_text().splitlines())
+    assert done_before < 144, "killed too late to test resuming"
+
+    again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("resumed"), again.stdout
+    run_dir = progress.parent
+    jobs = assert_complete(run_dir, planned=144)
+    manifest, _ = read_run(run_dir)
+    counts = manifest["counts"]
+    assert counts["generated"] + counts["cached"] == 144 and counts["failed"] == 0
+    assert counts["generated"] >= done_before - 2  # what was logged before the kill stays generated
+    assert len(list((tmp_path / "cache").glob("images/*/*.png"))) == 144  # nothing doubled
+    assert len(set(jobs["key"])) == 144
+
+
+def test_failed_job_is_recorded_and_run_goes_on(write_suite, tmp_path, monkeypatch):
+    from probe.models import generate
+
+    real = generate.PipelineAdapter.generate
+
+    def flaky(self, jobs, init_images=None):
+        if any(j.prompt == "a blue car" for j in jobs):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, jobs, init_images)
+
+    monkeypatch.setattr(generate.PipelineAdapter, "generate", flaky)
+    suite = write_suite(KILL_SUITE.replace("seeds: 24", "seeds: 2"))
+    result = CliRunner().invoke(app, ["run", str(suite), "--out", str(tmp_path / "reports")])
+    assert result.exit_code == 1
+    assert "simulated" in result.output
+    manifest, jobs = read_run(tmp_path / "reports" / "killme" / "latest")
+    assert manifest["counts"] == {"planned": 12, "generated": 8, "cached": 0, "failed": 4}
+    assert manifest["status"] == "failed"
+    failed = jobs[jobs["status"] == "failed"]
+    assert set(failed["prompt"]) == {"a blue car"} and failed["error"].str.contains("out of memory").all()
+    assert failed["image"].isna().all()
+
+
+def test_missing_weights_fail_before_work(write_suite, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    suite = write_suite(KILL_SUITE.replace("[tiny]", "[sd-turbo]"))
+    result = CliRunner().invoke(app, ["run", str(suite), "--out", str(tmp_path / "reports"), "--device", "cpu"])
+    assert result.exit_code == 1
+    for needle in ("sd-turbo", "stabilityai/sd-turbo", "probe models pull sd-turbo"):
+        assert needle in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "reports").exists(), "no run folder may be made before the weights are checked"
