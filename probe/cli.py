@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from probe.errors import ProbeError
+from probe.metrics.catalog import DEFAULT_CLIP_MODEL
 
 app = typer.Typer(
     help="Evaluate and bias-probe SD-Turbo against its baselines: plan, generate, score, report.",
@@ -45,14 +46,15 @@ def run(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: cuda if available).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 4,
     cache_dir: Annotated[Path | None, typer.Option(help="Image cache (default: $PROBE_CACHE or the user cache).")] = None,
-    new: Annotated[bool, typer.Option("--new", help="Start a new run folder instead of resuming an unfinished one.")] = False,
+    new: Annotated[bool, typer.Option("--new", help="Start a new run folder instead of resuming one.")] = False,
+    clip_model: Annotated[str | None, typer.Option(help="CLIP for all CLIP metrics: hub id, folder or 'tiny'.")] = None,
 ) -> None:
     """Plan, generate (what is not cached yet) and write a run directory. Resumes interrupted runs."""
     from probe.progress import RichProgress
     from probe.runner import RunOptions, run_suite
 
     options = RunOptions(model_override=model, limit=limit, reports_root=out_dir, device=device,
-                         batch_size=batch_size, cache_dir=cache_dir, new_run=new)
+                         batch_size=batch_size, cache_dir=cache_dir, new_run=new, clip_model=clip_model)
     try:
         summary = run_suite(suite, options, RichProgress(err))
     except ProbeError as exc:
@@ -71,6 +73,35 @@ def run(
         if len(summary.failures) > 20:
             err.print(f"  ... and {len(summary.failures) - 20} more (see manifest.json)")
         raise typer.Exit(1)
+
+
+@app.command()
+def score(
+    images: Annotated[Path, typer.Argument(help="Folder of images made elsewhere.")],
+    prompts: Annotated[Path, typer.Option(help="CSV/TSV/JSONL with `file` and `prompt` (+ text, model, seed, steps...).")],
+    metrics: Annotated[
+        list[str] | None, typer.Option("--metrics", help="Metric (repeat), args as name:key=value; default clip_score.")
+    ] = None,
+    reference: Annotated[Path | None, typer.Option(help="Folder of reference images for fid/kid/cmmd.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Reports root: OUT/score-<folder>/<run-id>.")] = Path("reports"),
+    clip_model: Annotated[str, typer.Option(help="CLIP for all CLIP metrics: hub id, folder or 'tiny'.")] = DEFAULT_CLIP_MODEL,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps.")] = "cpu",
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache (default: $PROBE_CACHE or the user cache).")] = None,
+) -> None:
+    """Score images made elsewhere into a run directory that reports and notebooks read."""
+    from probe.byo import ScoreRequest, score_images
+    from probe.progress import RichProgress
+
+    request = ScoreRequest(images=images, prompts=prompts, metrics=tuple(metrics or ["clip_score"]),
+                           reference=reference, out=out_dir, clip_model=clip_model, device=device, cache_dir=cache_dir)
+    progress = RichProgress(err)
+    try:
+        run_dir, counts = score_images(request, progress)
+    except ProbeError as exc:
+        raise _fail(exc) from None
+    finally:
+        progress.finish()
+    out.print(f"scored {run_dir}: computed {counts['computed']}, reused {counts['reused']}", highlight=False)
 
 
 @suites_app.command("validate")

@@ -11,18 +11,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from probe.loader import LoadedSuite, load_suite
-from probe.manifest import build_manifest, finish_manifest
+from probe.manifest import build_manifest
+from probe.metrics.catalog import DEFAULT_CLIP_MODEL, finish_manifest
 from probe.plan import plan_jobs, plan_sha256
 from probe.records import Job, JobResult, RunCounts
 from probe.rundir import RunDir
 from probe.store import ImageStore, link_or_copy
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,7 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     suite_root = options.reports_root / loaded.suite.name
     plan_hash = plan_sha256(jobs)
     _preflight([j for j in jobs if not store.has(j.key)])  # before any folder is made or work started
+    scoring = prepare_scoring(loaded, jobs, options, device)
     run = None if options.new_run else RunDir.find_resumable(suite_root, plan_hash)
     resumed = run is not None
     run = run or RunDir.create(suite_root)
@@ -107,7 +107,7 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     results = run.read_results()
     run.write_jobs(jobs, results)
     counts, failures = _count(jobs, results)
-    metric_configs = score_and_aggregate(run.path, loaded, jobs, options, device, progress)
+    metric_configs = score_and_aggregate(run.path, loaded, scoring, progress)
     wall = time.time() - started
     run.write_manifest(finish_manifest(manifest, counts, failures, wall, metric_configs))
     run.update_latest()
@@ -122,31 +122,46 @@ def clip_model_for(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions
         return loaded.suite.clip_model
     if jobs and all(j.preset == "tiny" for j in jobs):
         return "tiny"
-    return DEFAULT_CLIP
+    return DEFAULT_CLIP_MODEL
 
 
-def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions, device: str,
+def prepare_scoring(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions, device: str) -> Scoring:
+    """Build the run's metrics now, so missing CLIP/Inception weights fail before any image is generated."""
+    from probe.metrics.base import ScoringContext
+    from probe.metrics.features import FeatureCache
+    from probe.scoring import prepare_metrics
+
+    ctx = ScoringContext(features=FeatureCache(options.cache_dir), device=device,
+                         clip_model=clip_model_for(loaded, jobs, options), base_dir=loaded.base_dir)
+    specs = {p.name: list(p.metrics) for p in loaded.suite.probes if p.metrics}
+    return Scoring(ctx=ctx, prepared=prepare_metrics(specs, ctx))
+
+
+@dataclass
+class Scoring:
+    """The metrics of a run, built once, and the context they share."""
+
+    ctx: Any
+    prepared: list[Any]
+
+
+def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring,
                         progress: Progress) -> dict[str, dict[str, object]]:
     """Score what the probes list, then write aggregates.parquet and deltas.parquet; returns metric configs."""
     import pandas as pd
 
     from probe.analysis.aggregate import aggregate, paired_deltas
-    from probe.metrics.base import ScoringContext
-    from probe.metrics.features import FeatureCache
     from probe.scoring import read_scores, score_run
     from probe.tables import write_parquet_atomic
 
-    specs = {p.name: list(p.metrics) for p in loaded.suite.probes if p.metrics}
     frame = pd.read_parquet(run_dir / "jobs.parquet")
     configs: dict[str, dict[str, object]] = {}
-    if specs:
-        ctx = ScoringContext(features=FeatureCache(options.cache_dir), device=device, run_dir=run_dir,
-                             clip_model=clip_model_for(loaded, jobs, options), base_dir=loaded.base_dir)
+    if scoring.prepared:
+        scoring.ctx.run_dir = run_dir
         try:
-            counts = score_run(run_dir, frame, specs, ctx, progress)
+            configs = score_run(run_dir, frame, scoring.prepared, scoring.ctx, progress).configs
         finally:
             progress.finish()
-        configs = counts.configs
     scores = read_scores(run_dir)
     write_parquet_atomic(aggregate(frame, scores), run_dir / "aggregates.parquet")
     subject = loaded.suite.models[0].label

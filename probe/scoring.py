@@ -67,26 +67,46 @@ class _ScoreWriter:
         write_parquet_atomic(self.frame, self.run_dir / SCORES)
 
 
-def score_run(
-    run_dir: Path, jobs: pd.DataFrame, specs: dict[str, list[MetricSpec]], ctx: ScoringContext, progress: Any = None
-) -> ScoreCounts:
-    """Score the images of `jobs` with each probe's metric specs; see the module docstring."""
-    writer = _ScoreWriter(run_dir)
-    counts = ScoreCounts()
-    usable = jobs[jobs["image"].notna()]
+@dataclass(frozen=True)
+class PreparedMetric:
+    """A metric built and configured for one probe: loading happens here, before any generation or scoring."""
+
+    probe: str
+    spec: MetricSpec
+    metric: ImageMetric | SetMetric
+    config: dict[str, Any]
+    config_id: str
+
+
+def prepare_metrics(specs: dict[str, list[MetricSpec]], ctx: ScoringContext) -> list[PreparedMetric]:
+    """Build every metric and resolve its configuration (loads CLIP / Inception): fails fast on missing weights."""
+    prepared = []
     for probe, probe_specs in specs.items():
-        rows = usable[usable["probe"] == probe]
         for spec in probe_specs:
             metric = build_metric(spec.name, spec.args)
             config = {"name": spec.name, "args": spec.args, **metric.config(ctx)}
-            cid = config_id(config)
-            counts.configs[spec.name if not spec.args else f"{spec.name}:{cid}"] = {**config, "config_id": cid}
-            if isinstance(metric, SetMetric):
-                done = _score_sets(metric, spec, cid, probe, rows, run_dir, ctx, writer, progress)
-            else:
-                done = _score_images(metric, cid, rows, run_dir, ctx, writer, progress)
-            counts.computed[spec.name] = counts.computed.get(spec.name, 0) + done[0]
-            counts.reused[spec.name] = counts.reused.get(spec.name, 0) + done[1]
+            prepared.append(PreparedMetric(probe, spec, metric, config, config_id(config)))
+    return prepared
+
+
+def score_run(
+    run_dir: Path, jobs: pd.DataFrame, prepared: list[PreparedMetric], ctx: ScoringContext, progress: Any = None
+) -> ScoreCounts:
+    """Score the images of `jobs` with the prepared metrics; see the module docstring."""
+    writer = _ScoreWriter(run_dir)
+    counts = ScoreCounts()
+    usable = jobs[jobs["image"].notna()]
+    for item in prepared:
+        rows = usable[usable["probe"] == item.probe]
+        name = item.spec.name
+        counts.configs[name if not item.spec.args else f"{name}:{item.config_id}"] = {
+            **item.config, "config_id": item.config_id}
+        if isinstance(item.metric, SetMetric):
+            done = _score_sets(item.metric, item.spec, item.config_id, item.probe, rows, run_dir, ctx, writer, progress)
+        else:
+            done = _score_images(item.metric, item.config_id, rows, run_dir, ctx, writer, progress)
+        counts.computed[name] = counts.computed.get(name, 0) + done[0]
+        counts.reused[name] = counts.reused.get(name, 0) + done[1]
     return counts
 
 
@@ -152,14 +172,20 @@ def _set_row(metric: SetMetric, cid: str, probe: str, coords: dict[str, Any], gr
              ctx: ScoringContext) -> dict[str, Any]:
     features = metric.embed(items, ctx)
     reference = metric.embed(reference_items, ctx)
-    value, extra = metric.compare(features, reference)
-    prompts = group.drop_duplicates("key").set_index("key").loc[[i.key for i in items], "prompt"].to_numpy()
-    low, high = _bootstrap_set(metric, features, reference, prompts, value)
-    extra = {**extra, "ci_resamples": metric.ci_resamples, "ci": "bootstrap over prompts of the evaluated set"}
+    try:
+        value, extra = metric.compare(features, reference)
+    except ValueError as exc:  # e.g. a group too small for the metric: recorded, not fatal
+        log.warning("%s for %s/%s steps=%s: %s", metric.name, probe, coords["model"], coords["steps"], exc)
+        value, extra, low, high = None, {"error": str(exc)}, None, None
+    else:
+        prompts = group.drop_duplicates("key").set_index("key").loc[[i.key for i in items], "prompt"].to_numpy()
+        low, high = _bootstrap_set(metric, features, reference, prompts, value)
+        extra = {**extra, "ci_resamples": metric.ci_resamples, "ci": "basic bootstrap over prompts of the evaluated set"}
+    variables = {k: v for k, v in coords.items() if k.startswith("var_")}
     return {"metric": metric.name, "config_id": cid, "key": None, "value": value, "low": low, "high": high,
             "probe": probe, "model": coords["model"], "steps": coords["steps"],
             "strength": None if pd.isna(coords["strength"]) else coords["strength"],
-            "group": json.dumps({k: v for k, v in coords.items() if k.startswith("var_")}) or None,
+            "group": json.dumps(variables) if variables else None,
             "reference": reference_name, "set_hash": set_hash, "n": len(items),
             "n_reference": len(reference_items), "extra": json.dumps(extra, default=str)}
 

@@ -7,6 +7,7 @@ Reads only the run's tables (jobs and scores), never a model. The report, the no
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -55,9 +56,16 @@ def aggregate(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records, columns=AGGREGATE_COLUMNS)
 
 
-def _n_prompts(jobs: pd.DataFrame, row: object) -> int:
-    mask = (jobs["probe"] == row.probe) & (jobs["model"] == row.model) & (jobs["steps"] == row.steps)  # type: ignore[attr-defined]
-    for column, value in json.loads(row.group or "{}").items():  # type: ignore[attr-defined]
+def _same(column: pd.Series, value: object) -> pd.Series:
+    """Equality that treats missing as equal to missing (steps/strength are NaN for external images)."""
+    return column.isna() if pd.isna(value) else column == value
+
+
+def _n_prompts(jobs: pd.DataFrame, row: Any) -> int:
+    """Distinct prompts behind a set-metric row (its probe, model, steps, strength and group)."""
+    mask = (jobs["probe"] == row.probe) & (jobs["model"] == row.model)
+    mask &= _same(jobs["steps"], row.steps) & _same(jobs["strength"], row.strength)
+    for column, value in json.loads(row.group or "{}").items():
         mask &= jobs[column] == value
     return int(jobs.loc[mask, "prompt"].nunique())
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+#: The CLIP every CLIP-based metric uses unless a suite or --clip-model says otherwise (as HEIM and torchmetrics).
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+
 
 @dataclass(frozen=True)
 class MetricInfo:
@@ -25,4 +28,8 @@ METRICS: dict[str, MetricInfo] = {
                              "prompt-image alignment: 100*max(cos(image, prompt), 0) on CLIP embeddings"),
     "cmmd": MetricInfo("probe.metrics.clip:Cmmd", "set", "lower",
                        "CLIP-embedding MMD to a reference set (Jayasumana et al. 2024), small-sample friendly"),
+    "fid": MetricInfo("probe.metrics.fid:Fid", "set", "lower",
+                      "Frechet distance to a reference set on Inception (clean-fid preprocessing) or CLIP features"),
+    "kid": MetricInfo("probe.metrics.fid:Kid", "set", "lower",
+                      "Kernel (unbiased polynomial MMD^2) distance to a reference set; subset size adapts to small sets"),
 }
