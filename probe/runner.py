@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from probe.loader import LoadedSuite, load_suite
-from probe.manifest import build_manifest
-from probe.metrics.catalog import DEFAULT_CLIP_MODEL, finish_manifest
+from probe.manifest import build_manifest, finish_manifest
+from probe.metrics.catalog import DEFAULT_CLIP_MODEL
 from probe.plan import plan_jobs, plan_sha256
 from probe.records import Job, JobResult, RunCounts
 from probe.rundir import RunDir

@@ -83,7 +83,7 @@ def test_known_key_value():
     loaded = load_suite(SUITES / "smoke.yaml")
     job = plan_jobs(loaded)[0]
     assert job.pixel_inputs() == {
-        "v": "1", "model_id": "probe/tiny", "revision": None, "lora_id": None, "lora_revision": None,
+        "v": "1", "model_id": "probe/tiny", "revision": "tiny-v1", "lora_id": None, "lora_revision": None,
         "scheduler": "EulerDiscreteScheduler(trailing)", "dtype": "float32", "device_class": "cpu",
         "mode": "txt2img", "prompt": "a photo of the face of a nurse", "seed": 0, "steps": 1, "guidance": 0.0,
         "strength": None, "init_image_sha256": None, "width": 64, "height": 64,
@@ -140,3 +140,10 @@ def test_plan_hash_changes_with_plan(write_suite):
     loaded = load_suite(write_suite(GRID))
     assert plan_sha256(plan_jobs(loaded)) == plan_sha256(plan_jobs(loaded))
     assert plan_sha256(plan_jobs(loaded)) != plan_sha256(plan_jobs(loaded, limit=1))
+
+
+def test_tiny_preset_revision_tracks_the_tiny_model():
+    from probe.models.registry import PRESETS
+    from probe.models.tiny import TINY_REVISION
+
+    assert PRESETS["tiny"].revision == TINY_REVISION
