@@ -27,6 +27,8 @@ suites_app = typer.Typer(help="Check suite files.", no_args_is_help=True)
 models_app = typer.Typer(help="Model presets: list them (default) or download one.")
 app.add_typer(suites_app, name="suites")
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(help="Public prompt datasets suites can name (list them, or download one).")
+app.add_typer(data_app, name="data")
 
 out = Console()
 err = Console(stderr=True)
@@ -65,7 +67,7 @@ def run(
     c = summary.counts
     verb = "resumed" if summary.resumed else "run"
     out.print(f"{verb} {summary.run_dir}: planned {c.planned}, generated {c.generated}, cached {c.cached}, "
-              f"failed {c.failed} in {summary.wall_seconds:.1f} s", highlight=False)
+              f"failed {c.failed} in {summary.wall_seconds:.1f} s", highlight=False, soft_wrap=True)
     if summary.failures:
         for failure in summary.failures[:20]:
             err.print(f"  failed {failure['model']} {failure['probe']} seed={failure['seed']} "
@@ -101,7 +103,8 @@ def score(
         raise _fail(exc) from None
     finally:
         progress.finish()
-    out.print(f"scored {run_dir}: computed {counts['computed']}, reused {counts['reused']}", highlight=False)
+    out.print(f"scored {run_dir}: computed {counts['computed']}, reused {counts['reused']}", highlight=False,
+              soft_wrap=True)
 
 
 @suites_app.command("validate")
@@ -159,6 +162,34 @@ def pull(name: Annotated[str, typer.Argument(help="Preset name, e.g. sd-turbo.")
     except ProbeError as exc:
         raise _fail(exc) from None
     out.print(f"{name}: cached at {path}")
+
+
+@data_app.callback(invoke_without_command=True)
+def data(ctx: typer.Context) -> None:
+    """List the datasets, their licences and whether they are downloaded."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from probe.datasets import DATASETS, dataset_path
+
+    table = Table()
+    for column in ("dataset", "licence", "description", "downloaded"):
+        table.add_column(column)
+    for dataset in DATASETS.values():
+        path = dataset_path(dataset.name)
+        table.add_row(dataset.name, dataset.licence, dataset.description, str(path) if path.is_file() else "no")
+    out.print(table)
+
+
+@data_app.command("pull")
+def data_pull(name: Annotated[str, typer.Argument(help="Dataset name, e.g. partiprompts.")]) -> None:
+    """Download a dataset into the user data folder (needs internet)."""
+    from probe.datasets import pull as pull_dataset
+
+    try:
+        path = pull_dataset(name)
+    except ProbeError as exc:
+        raise _fail(exc) from None
+    out.print(f"{name}: saved to {path}")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from probe.datasets import DATASETS, dataset_path
 from probe.errors import UsageError, suggest
 from probe.metrics.catalog import METRICS
 from probe.models.registry import PRESETS
@@ -267,10 +268,21 @@ def _var_values(spec: Any, base: Path, vpath: FieldPath, issues: list[Issue]) ->
 
 def _prompts_from_file(spec: PromptFile, base: Path, ppath: FieldPath, issues: list[Issue]) -> list[PromptItem]:
     columns = [spec.column, *spec.attrs, *spec.where, *([spec.text_column] if spec.text_column else [])]
-    rows = _read_table(base / spec.file, columns, ppath, issues)
+    if spec.dataset is not None:
+        if spec.dataset not in DATASETS:
+            issues.append(((*ppath, "dataset"), f"unknown dataset {spec.dataset!r}{suggest(spec.dataset, DATASETS)}"))
+            return []
+        file = dataset_path(spec.dataset)
+        if not file.is_file():
+            issues.append(((*ppath, "dataset"), f"dataset {spec.dataset!r} is not downloaded: run `probe data pull "
+                                                f"{spec.dataset}` (or point PROBE_DATA at a folder holding it)"))
+            return []
+    else:
+        file = base / str(spec.file)
+    rows = _read_table(file, columns, ppath, issues)
     rows = [r for r in rows if all(r[c] in allowed for c, allowed in spec.where.items())]
     if not rows and not issues:
-        issues.append((ppath, f"no prompts left in {spec.file} after `where`"))
+        issues.append((ppath, f"no prompts left in {file.name} after `where`"))
     text = spec.text_column
     return [PromptItem(prompt=r[spec.column], attrs={a: r[a] for a in spec.attrs}, text=r[text] if text else None)
             for r in rows]

@@ -22,6 +22,7 @@ import pandas as pd
 from probe.analysis.stats import CONFIDENCE
 from probe.loader import image_files
 from probe.metrics.base import ImageItem, ImageMetric, Score, ScoringContext, SetMetric, build_metric
+from probe.score_cache import ScoreCache
 from probe.suite import MetricSpec
 from probe.tables import write_parquet_atomic
 
@@ -122,12 +123,17 @@ def _score_images(metric: ImageMetric, cid: str, rows: pd.DataFrame, run_dir: Pa
     existing = writer.frame
     have = set(existing.loc[(existing["metric"] == metric.name) & (existing["config_id"] == cid), "key"])
     items = _items(rows, run_dir)
-    todo = [i for i in items if i.key not in have]
+    cache = ScoreCache(ctx.features.root.parent)
+    cached = cache.rows(metric.name, cid)
+    writer.add([cached[i.key] for i in items if i.key not in have and i.key in cached])
+    todo = [i for i in items if i.key not in have and i.key not in cached]
     if progress is not None and todo:
         progress.group(f"score {metric.name}", len(todo))
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start : start + CHUNK]
-        writer.add([_image_row(s, cid) for s in metric.score(chunk, ctx)])
+        new_rows = [_image_row(s, cid) for s in metric.score(chunk, ctx)]
+        writer.add(new_rows)
+        cache.add(metric.name, cid, new_rows)
         if progress is not None:
             progress.advance(len(chunk))
     return len(todo), len(items) - len(todo)

@@ -61,13 +61,20 @@ class PromptEntry(StrictModel):
 
 
 class PromptFile(StrictModel):
-    """Prompts read from a TSV/CSV file (path relative to the suite file)."""
+    """Prompts read from a TSV/CSV file (path relative to the suite file) or a named dataset."""
 
-    file: str
+    file: str | None = None
+    dataset: str | None = Field(default=None, description="A dataset fetched by `probe data pull NAME`.")
     column: str = "prompt"
     text_column: str | None = None
     attrs: list[str] = Field(default_factory=list, description="Columns carried to results.")
     where: dict[str, list[str]] = Field(default_factory=dict, description="Keep rows whose column is in the list.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptFile:
+        if (self.file is None) == (self.dataset is None):
+            raise ValueError("give exactly one of `file` or `dataset`")
+        return self
 
 
 class VarValue(StrictModel):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -25,8 +28,35 @@ def write_suite(tmp_path: Path):
 
 
 @pytest.fixture(autouse=True)
+def shared_datasets(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Datasets resolve to the copies in ../shared/data (what `probe data pull` would have fetched)."""
+    root = tmp_path_factory.getbasetemp() / "probe-data"
+    target = root / "partiprompts" / "PartiPrompts.tsv"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(SHARED_DATA / "partiprompts" / "PartiPrompts.tsv")
+    monkeypatch.setenv("PROBE_DATA", str(root))
+    return root
+
+
+@pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own image cache, so no test sees another's images."""
     cache = tmp_path_factory.mktemp("probe-cache")
     monkeypatch.setenv("PROBE_CACHE", str(cache))
     return cache
+
+
+def probe_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "probe.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
+    """`probe run suites/smoke.yaml` once per test session: (root, cache, completed process)."""
+    root = tmp_path_factory.mktemp("smoke")
+    cache = root / "cache"
+    proc = probe_cli("run", "suites/smoke.yaml", "--out", str(root / "reports"), env={"PROBE_CACHE": str(cache)})
+    return root, cache, proc

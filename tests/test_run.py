@@ -17,15 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from probe.cli import app
-from tests.conftest import REPO, SUITES
+from tests.conftest import REPO, probe_cli
 
 pytestmark = pytest.mark.slow
-
-
-def probe_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run the installed CLI in a subprocess, as a user would."""
-    return subprocess.run([sys.executable, "-m", "probe.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def read_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
@@ -44,14 +38,6 @@ def assert_complete(run_dir: Path, planned: int) -> pd.DataFrame:
         with Image.open(run_dir / rel) as image:
             image.verify()
     return jobs
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
-    root = tmp_path_factory.mktemp("smoke")
-    cache = root / "cache"
-    proc = probe_cli("run", "suites/smoke.yaml", "--out", str(root / "reports"), env={"PROBE_CACHE": str(cache)})
-    return root, cache, proc
 
 
 def test_smoke_run_through_cli(smoke_run):

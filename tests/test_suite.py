@@ -243,3 +243,26 @@ def test_cli_validate_exit_code_message_and_no_torch(write_suite):
 def test_shipped_suites_validate(name):
     loaded = load_suite(SUITES / name)
     assert loaded.suite.probes
+
+
+def test_dataset_prompts_with_where_filter():
+    loaded = load_suite(SUITES / "quality.yaml")
+    items = loaded.prompts["parti"]
+    challenges = {i.attrs["Challenge"] for i in items}
+    assert challenges == {"Basic", "Simple Detail", "Fine-grained Detail", "Complex", "Style & Format", "Imagination"}
+    assert len(items) == 272 + 232 + 312 + 113 + 206 + 150  # counts per challenge in PartiPrompts.tsv
+    assert all(i.attrs["Category"] for i in items)
+
+
+def test_dataset_not_downloaded_says_how_to_get_it(write_suite, monkeypatch, tmp_path):
+    monkeypatch.setenv("PROBE_DATA", str(tmp_path / "empty"))
+    path = write_suite("""
+        name: ok
+        models: [tiny]
+        probes:
+          - name: p
+            prompts: {dataset: partiprompts, column: Prompt}
+    """)
+    line, field, message = only_problem(path)
+    assert (line, field) == (5, "probes[0].prompts.dataset")
+    assert "probe data pull partiprompts" in message

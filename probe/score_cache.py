@@ -1,0 +1,52 @@
+"""Per-image scores shared by all runs: (metric config id, image key) -> score row, computed once, ever.
+
+Like the image store, so re-running a suite (or another suite over the same images) re-scores nothing.
+One append-only JSONL file per metric configuration under `<cache>/scores/`; each append is fsynced, and
+a torn last line from a kill is skipped when read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class ScoreCache:
+    """Score rows by metric configuration and image key."""
+
+    def __init__(self, cache_root: Path) -> None:
+        self.root = Path(cache_root) / "scores"
+        self._loaded: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def _path(self, metric: str, config_id: str) -> Path:
+        return self.root / f"{metric}-{config_id}.jsonl"
+
+    def rows(self, metric: str, config_id: str) -> dict[str, dict[str, Any]]:
+        """Cached rows of one configuration, by image key."""
+        name = f"{metric}-{config_id}"
+        if name not in self._loaded:
+            found: dict[str, dict[str, Any]] = {}
+            path = self._path(metric, config_id)
+            if path.is_file():
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    found[row["key"]] = row
+            self._loaded[name] = found
+        return self._loaded[name]
+
+    def add(self, metric: str, config_id: str, rows: list[dict[str, Any]]) -> None:
+        """Append rows (each with a `key`) and force them to disk."""
+        if not rows:
+            return
+        path = self._path(metric, config_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(r, default=str) + "\n" for r in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.rows(metric, config_id).update({r["key"]: r for r in rows})
