@@ -1,0 +1,177 @@
+"""The Python API researchers import: load a run directory into pandas and look at it.
+
+    from probe import load_run
+    run = load_run("reports/smoke/latest")
+    run.summary()                      # the report's numbers: means with 95% CIs per probe/model/steps
+    run.frame()                        # one row per image, one column per metric
+
+Reads files only; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from probe.analysis.aggregate import GRID, aggregate, paired_deltas, per_image
+from probe.analysis.stats import cluster_bootstrap
+from probe.errors import UsageError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+PAIR_ON = ["probe", "model", "prompt", "seed", "steps", "strength", "init_image"]
+
+
+class Run:
+    """A run directory (`probe run` or `probe score` output), loaded lazily table by table."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).resolve()
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        """manifest.json: resolved suite, presets, packages, device, counts, metric configurations."""
+        return json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
+
+    @cached_property
+    def jobs(self) -> pd.DataFrame:
+        """jobs.parquet: one row per planned job (key, probe, model, prompt, var_*, attr_*, seed, steps, ...)."""
+        return pd.read_parquet(self.path / "jobs.parquet")
+
+    @cached_property
+    def scores(self) -> pd.DataFrame:
+        """scores.parquet in long format (empty when the run listed no metrics)."""
+        from probe.scoring import read_scores
+
+        return read_scores(self.path)
+
+    @property
+    def subject(self) -> str:
+        """The subject model's label (the suite's first model)."""
+        models = self.manifest.get("suite", {}).get("models") or []
+        if models:
+            return str(models[0].get("name") or models[0]["preset"])
+        return str(self.jobs["model"].iloc[0])
+
+    def frame(self) -> pd.DataFrame:
+        """Jobs joined with per-image scores: one row per image, one column per metric (and `<metric>_label`)."""
+        long = per_image(self.jobs, self.scores)
+        jobs = self.jobs[self.jobs["image"].notna()].drop_duplicates(["probe", "model", "key"])
+        if long.empty:
+            return jobs.reset_index(drop=True)
+        index = ["probe", "model", "key"]
+        values = long.pivot_table(index=index, columns="metric", values="value", aggfunc="first")
+        labels = long[long["label"].notna()].pivot_table(index=index, columns="metric", values="label", aggfunc="first")
+        labels.columns = [f"{c}_label" for c in labels.columns]
+        wide = values.join(labels, how="outer") if not labels.empty else values
+        return jobs.merge(wide.reset_index(), on=index, how="left").reset_index(drop=True)
+
+    def summary(self, by: list[str] | None = None) -> pd.DataFrame:
+        """Means with 95% bootstrap CIs (clustered by prompt) and n_prompts / n_images.
+
+        With the default grouping (probe, model, steps, strength) this is aggregates.parquet: the numbers the
+        report shows. `by` groups per-image metrics by any job columns instead, e.g. ["model", "var_occupation"].
+        """
+        if by is None:
+            stored = self.path / "aggregates.parquet"
+            return pd.read_parquet(stored) if stored.is_file() else aggregate(self.jobs, self.scores)
+        frame = per_image(self.jobs, self.scores)
+        frame = frame[frame["value"].notna()]
+        rows = []
+        for coords, group in frame.groupby([*by, "metric"], dropna=False, sort=True):
+            est = cluster_bootstrap(group["value"].to_numpy(), group["prompt"].to_numpy())
+            rows.append({**dict(zip([*by, "metric"], coords, strict=True)), "mean": est.mean, "low": est.low,
+                         "high": est.high, "n_prompts": est.n_clusters, "n_images": est.n})
+        return pd.DataFrame(rows)
+
+    def deltas(self) -> pd.DataFrame:
+        """The subject minus each baseline, paired by (prompt, seed, strength, init image), with CIs."""
+        stored = self.path / "deltas.parquet"
+        return pd.read_parquet(stored) if stored.is_file() else paired_deltas(self.jobs, self.scores, self.subject)
+
+    def image_path(self, key: str) -> Path:
+        """Where the image for a job key lives in this run folder."""
+        rows = self.jobs.loc[(self.jobs["key"] == key) & self.jobs["image"].notna(), "image"]
+        if rows.empty:
+            raise UsageError(f"no image with key {key!r} in {self.path}")
+        return self.path / str(rows.iloc[0])
+
+    def image(self, key: str) -> Image.Image:
+        """The image for a job key, as RGB."""
+        from PIL import Image
+
+        with Image.open(self.image_path(key)) as image:
+            return image.convert("RGB")
+
+    def grid(self, seed: int | None = None, max_rows: int = 8, **filters: Any) -> Figure:
+        """Images as a matplotlib figure: prompt rows x (model, steps, strength) columns at one seed.
+
+        Filters are job columns, e.g. `run.grid(probe="occupations", seed=0)`.
+        """
+        import matplotlib.pyplot as plt
+
+        jobs = self.jobs[self.jobs["image"].notna()]
+        for column, value in filters.items():
+            jobs = jobs[jobs[column] == value]
+        seed = int(jobs["seed"].min()) if seed is None and not jobs.empty else seed
+        jobs = jobs[jobs["seed"] == seed]
+        prompts = list(dict.fromkeys(jobs["prompt"]))[:max_rows]
+        strengths = [None if pd.isna(v) else float(v) for v in jobs["strength"]]  # NaN != NaN would not dedupe
+        columns = list(dict.fromkeys(zip(jobs["model"], jobs["steps"], strengths, strict=True)))
+        fig, axes = plt.subplots(max(1, len(prompts)), max(1, len(columns)), squeeze=False,
+                                 figsize=(1.8 * max(1, len(columns)), 1.8 * max(1, len(prompts))))
+        for ax in axes.flat:
+            ax.axis("off")
+        for r, prompt in enumerate(prompts):
+            for c, (model, steps, strength) in enumerate(columns):
+                same_strength = jobs["strength"].isna() if strength is None else jobs["strength"] == strength
+                hit = jobs[(jobs["prompt"] == prompt) & (jobs["model"] == model) & (jobs["steps"] == steps)
+                           & same_strength]
+                if not hit.empty:
+                    axes[r][c].imshow(self.image(hit["key"].iloc[0]))
+                if r == 0:
+                    label = f"{model}\n{steps} steps" + ("" if strength is None else f"\nstrength {strength}")
+                    axes[r][c].set_title(label, fontsize=7)
+            axes[r][0].text(-0.05, 0.5, prompt[:40], transform=axes[r][0].transAxes, ha="right", va="center",
+                            fontsize=7)
+        fig.suptitle(f"seed {seed}", fontsize=8)
+        fig.subplots_adjust(left=0.3)
+        return fig
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run directory (or `reports/<suite>/latest`)."""
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        raise UsageError(f"{path} is not a run directory (no manifest.json)")
+    return Run(path)
+
+
+def compare(run_a: Run | str | Path, run_b: Run | str | Path) -> pd.DataFrame:
+    """Per-image metrics of run_b minus run_a, paired by (probe, model, prompt, seed, steps, strength, init image).
+
+    For "what changed between two versions of a model or of the library": one row per probe x model x steps x
+    strength x metric with the mean change, its 95% CI (clustered by prompt) and the number of pairs.
+    """
+    a = run_a if isinstance(run_a, Run) else load_run(run_a)
+    b = run_b if isinstance(run_b, Run) else load_run(run_b)
+    left = per_image(a.jobs, a.scores)
+    right = per_image(b.jobs, b.scores)
+    merged = left.merge(right, on=[*PAIR_ON, "metric"], suffixes=("_a", "_b"))
+    merged = merged[merged["value_a"].notna() & merged["value_b"].notna()]
+    rows = []
+    for coords, group in merged.groupby([*GRID, "metric"], dropna=False, sort=True):
+        est = cluster_bootstrap((group["value_b"] - group["value_a"]).to_numpy(), group["prompt"].to_numpy())
+        rows.append({**dict(zip([*GRID, "metric"], coords, strict=True)), "mean_a": group["value_a"].mean(),
+                     "mean_b": group["value_b"].mean(), "delta": est.mean, "low": est.low, "high": est.high,
+                     "n_pairs": est.n, "n_prompts": est.n_clusters})
+    return pd.DataFrame(rows)
