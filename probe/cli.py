@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from probe.errors import ProbeError
@@ -27,6 +28,8 @@ suites_app = typer.Typer(help="Check suite files.", no_args_is_help=True)
 models_app = typer.Typer(help="Model presets: list them (default) or download one.")
 app.add_typer(suites_app, name="suites")
 app.add_typer(models_app, name="models")
+baseline_app = typer.Typer(help="Baselines that `probe check` compares runs with.", no_args_is_help=True)
+app.add_typer(baseline_app, name="baseline")
 data_app = typer.Typer(help="Public prompt datasets suites can name (list them, or download one).")
 app.add_typer(data_app, name="data")
 
@@ -162,6 +165,66 @@ def pull(name: Annotated[str, typer.Argument(help="Preset name, e.g. sd-turbo.")
     except ProbeError as exc:
         raise _fail(exc) from None
     out.print(f"{name}: cached at {path}")
+
+
+@baseline_app.command("save")
+def baseline_save(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory, e.g. reports/quality/latest.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Baseline JSON to write.")],
+) -> None:
+    """Save a run's per-image scores, set metrics and aggregates as a baseline file."""
+    from probe.baseline import save_baseline
+
+    try:
+        baseline = save_baseline(run_dir, output)
+    except ProbeError as exc:
+        raise _fail(exc) from None
+    out.print(f"saved {len(baseline.per_image)} per-image and {len(baseline.sets)} set scores to {output}",
+              highlight=False, soft_wrap=True)
+
+
+@app.command()
+def check(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory to gate.")],
+    baseline: Annotated[Path | None, typer.Option(help="Baseline JSON (probe baseline save) or run directory.")] = None,
+    rule: Annotated[list[str] | None, typer.Option(help="Extra rule, e.g. clip_score:probe=p,max_drop=0.5 (repeat).")] = None,
+    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here (one test case per rule).")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown summary here (CI job summary).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON verdict here.")] = None,
+) -> None:
+    """Gate CI on the suite's `checks:` and --rule: exit 0 pass, 1 regression, 2 misuse."""
+    from probe.api import load_run
+    from probe.baseline import load_baseline
+    from probe.check import evaluate, parse_rule, rules_from_checks
+    from probe.check_output import write_json, write_junit, write_markdown
+    from probe.suite import Suite
+
+    try:
+        run = load_run(run_dir)
+        suite = Suite.model_validate(run.manifest["suite"]) if run.manifest.get("suite", {}).get("probes") else None
+        rules = (rules_from_checks(suite.checks) if suite else []) + [parse_rule(r) for r in rule or []]
+        verdict = evaluate(run, load_baseline(baseline) if baseline else None, rules)
+    except ProbeError as exc:
+        raise _fail(exc) from None
+    _print_verdict(verdict)
+    for path, write in ((junit, write_junit), (markdown, write_markdown), (json_out, write_json)):
+        if path is not None:
+            write(verdict, path)
+    raise typer.Exit(0 if verdict.passed else 1)
+
+
+def _print_verdict(verdict: object) -> None:
+    from probe.check import Verdict
+
+    assert isinstance(verdict, Verdict)
+    table = Table(title="probe check: " + ("[green]passed[/]" if verdict.passed else "[red]regression[/]"),
+                  title_justify="left")
+    for column in ("rule", "group", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for o in verdict.outcomes:
+        group = " ".join(f"{k}={v}" for k, v in o.group.items() if v is not None)
+        table.add_row(escape(o.rule), escape(group), "pass" if o.passed else "[bold red]FAIL[/]", escape(o.detail))
+    out.print(table)
 
 
 @data_app.callback(invoke_without_command=True)

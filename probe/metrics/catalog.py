@@ -28,8 +28,27 @@ METRICS: dict[str, MetricInfo] = {
                              "prompt-image alignment: 100*max(cos(image, prompt), 0) on CLIP embeddings"),
     "cmmd": MetricInfo("probe.metrics.clip:Cmmd", "set", "lower",
                        "CLIP-embedding MMD to a reference set (Jayasumana et al. 2024), small-sample friendly"),
+    "faces": MetricInfo("probe.metrics.faces:Faces", "image", "none",
+                        "face count and boxes (OpenCV Haar cascades: frontal alt2 + mirrored profile, NMS)"),
+    "skin_tone": MetricInfo("probe.metrics.skin:SkinTone", "image", "none",
+                            "ITA of the largest face's skin pixels (CIELab median) and the nearest Monk Skin Tone "
+                            "(CIEDE2000); unknown when no face or too few skin pixels"),
+    "perceived_gender": MetricInfo("probe.metrics.gender:PerceivedGender", "image", "none",
+                                   "perceived gender presentation of the largest face by CLIP zero-shot "
+                                   "(feminine/masculine/unclear/no_person); never gender identity"),
     "fid": MetricInfo("probe.metrics.fid:Fid", "set", "lower",
                       "Frechet distance to a reference set on Inception (clean-fid preprocessing) or CLIP features"),
     "kid": MetricInfo("probe.metrics.fid:Kid", "set", "lower",
                       "Kernel (unbiased polynomial MMD^2) distance to a reference set; subset size adapts to small sets"),
 }
+
+
+#: Directions of score rows whose name is not a suite metric: rows another metric writes (e.g. ocr's ocr_cer).
+DERIVED_DIRECTIONS: dict[str, Literal["higher", "lower", "none"]] = {}
+
+
+def direction_of(metric: str) -> Literal["higher", "lower", "none"]:
+    """Whether higher or lower values of a score row are better ("none" for descriptive values)."""
+    if metric in METRICS:
+        return METRICS[metric].direction
+    return DERIVED_DIRECTIONS.get(metric, "none")

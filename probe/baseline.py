@@ -1,0 +1,92 @@
+"""Baselines for `probe check`: a run's per-image scores and aggregates, saved as one portable JSON file.
+
+Per-image scores are stored with their coordinates (probe, model, prompt, seed, steps, strength, init image)
+as well as the job key, so a baseline made with one model version pairs with a run of the next version,
+whose keys differ (the revision is part of the key) but whose coordinates are the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from probe.analysis.aggregate import per_image
+from probe.errors import UsageError
+from probe.store import atomic_write_bytes
+
+FORMAT = "probe-baseline/1"
+COORDINATES = ["probe", "model", "prompt", "seed", "steps", "strength", "init_image"]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What a check compares against: per-image scores, set-metric rows and where they came from."""
+
+    suite_name: str
+    suite_sha256: str
+    provenance: dict[str, Any]
+    per_image: pd.DataFrame
+    """One row per (job, metric): COORDINATES + key, metric, value, label."""
+    sets: pd.DataFrame
+    """Set-metric rows (fid, kid, cmmd): probe, model, steps, strength, metric, value, low, high, group."""
+
+
+def baseline_from_run(run_dir: Path) -> Baseline:
+    """Read a run directory as a baseline."""
+    from probe.api import load_run
+
+    run = load_run(run_dir)
+    frame = per_image(run.jobs, run.scores)
+    frame = frame[[*COORDINATES, "key", "metric", "value", "label"]].reset_index(drop=True)
+    scores = run.scores
+    sets = scores[scores["key"].isna()] if not scores.empty else scores
+    sets = sets.reindex(columns=["probe", "model", "steps", "strength", "metric", "value", "low", "high", "group"])
+    manifest = run.manifest
+    provenance = {k: manifest.get(k) for k in ("presets", "packages", "device", "started_at", "finished_at", "counts")}
+    provenance["run_dir"] = str(run.path)
+    return Baseline(manifest["suite_name"], manifest.get("suite_sha256", ""), provenance, frame,
+                    sets.reset_index(drop=True))
+
+
+def save_baseline(run_dir: Path, target: Path) -> Baseline:
+    """Write `run_dir`'s scores as a baseline JSON file at `target`."""
+    baseline = baseline_from_run(run_dir)
+    payload = {
+        "format": FORMAT,
+        "suite_name": baseline.suite_name,
+        "suite_sha256": baseline.suite_sha256,
+        "provenance": baseline.provenance,
+        "per_image": json.loads(baseline.per_image.to_json(orient="records")),
+        "sets": json.loads(baseline.sets.to_json(orient="records")),
+        "aggregates": _aggregates(run_dir),
+    }
+    atomic_write_bytes(target, json.dumps(payload, indent=1, default=str).encode("utf-8"))
+    return baseline
+
+
+def _aggregates(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "aggregates.parquet"
+    return json.loads(pd.read_parquet(path).to_json(orient="records")) if path.is_file() else []
+
+
+def load_baseline(path: Path) -> Baseline:
+    """A baseline from a JSON file written by `probe baseline save`, or from a run directory."""
+    if path.is_dir():
+        return baseline_from_run(path)
+    if not path.is_file():
+        raise UsageError(f"--baseline {path}: no such file or run directory")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--baseline {path}: not JSON ({exc})") from None
+    if payload.get("format") != FORMAT:
+        raise UsageError(f"--baseline {path}: not a probe baseline (format {payload.get('format')!r})")
+    per_image_rows = pd.DataFrame(payload["per_image"], columns=[*COORDINATES, "key", "metric", "value", "label"])
+    sets = pd.DataFrame(payload["sets"], columns=["probe", "model", "steps", "strength", "metric", "value", "low",
+                                                  "high", "group"])
+    return Baseline(payload["suite_name"], payload.get("suite_sha256", ""), payload.get("provenance", {}),
+                    per_image_rows, sets)

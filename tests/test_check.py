@@ -1,0 +1,140 @@
+"""`probe check` on constructed runs where the right verdict is known, and on a real tiny-model run."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import probe
+from probe.baseline import baseline_from_run
+from probe.check import Rule, evaluate, parse_rule
+from probe.errors import UsageError
+from tests.conftest import probe_cli
+
+PROMPTS = [f"prompt {i}" for i in range(12)]
+SEEDS = list(range(6))
+
+
+def make_run(path: Path, values: dict[str, np.ndarray], suite: str = "gate", prompts: list[str] = PROMPTS) -> Path:
+    """A run directory with one per-image metric per entry of `values` (shape prompts x seeds), model 'm'."""
+    path.mkdir(parents=True)
+    jobs = pd.DataFrame([{"key": f"{suite}-{p}-{s}-{path.name}", "probe": "p", "model": "m", "prompt": prompt,
+                          "seed": s, "steps": 1, "strength": None, "init_image": None, "image": f"images/{p}-{s}.png"}
+                         for p, prompt in enumerate(prompts) for s in SEEDS])
+    rows = []
+    for metric, grid in values.items():
+        for (p, s), value in np.ndenumerate(grid):
+            rows.append({"metric": metric, "config_id": metric, "key": f"{suite}-{p}-{s}-{path.name}",
+                         "value": float(value)})
+    jobs.to_parquet(path / "jobs.parquet", index=False)
+    pd.DataFrame(rows).reindex(columns=["metric", "config_id", "key", "value", "low", "high", "label", "text", "probe",
+                                        "model", "steps", "strength", "group", "reference", "set_hash", "n",
+                                        "n_reference", "extra"]).to_parquet(path / "scores.parquet", index=False)
+    (path / "manifest.json").write_text(json.dumps({"suite_name": suite, "suite": {}, "suite_sha256": "x"}))
+    return path
+
+
+@pytest.fixture
+def base_values() -> np.ndarray:
+    return np.random.default_rng(0).normal(30.0, 2.0, size=(len(PROMPTS), len(SEEDS)))
+
+
+def verdict(tmp_path, base, new, rule: Rule):
+    run = probe.load_run(make_run(tmp_path / "run", {"clip_score": new}))
+    baseline = baseline_from_run(make_run(tmp_path / "base", {"clip_score": base}))
+    return evaluate(run, baseline, [rule])
+
+
+def test_identical_runs_pass_in_both_modes(tmp_path, base_values):
+    for mode in ("strict", "significant"):
+        result = verdict(tmp_path / mode, base_values, base_values, Rule("clip_score", max_drop=0.5, mode=mode))
+        assert result.passed and result.outcomes[0].estimate == 0.0
+
+
+def test_large_drop_fails_in_both_modes(tmp_path, base_values):
+    for mode in ("strict", "significant"):
+        result = verdict(tmp_path / mode, base_values, base_values - 2.0, Rule("clip_score", max_drop=0.5, mode=mode))
+        assert not result.passed
+        assert result.outcomes[0].estimate == pytest.approx(2.0)
+
+
+def test_drop_within_noise_passes_significant_but_fails_strict(tmp_path, base_values):
+    noise = np.random.default_rng(1).normal(0.0, 3.0, size=base_values.shape)
+    new = base_values - 0.6 + noise - noise.mean()  # mean drop exactly 0.6, but very noisy
+    strict = verdict(tmp_path / "s", base_values, new, Rule("clip_score", max_drop=0.5, mode="strict"))
+    significant = verdict(tmp_path / "g", base_values, new, Rule("clip_score", max_drop=0.5))
+    assert strict.outcomes[0].estimate == pytest.approx(0.6)
+    assert not strict.passed
+    assert significant.passed and significant.outcomes[0].low < 0.5 < significant.outcomes[0].high
+
+
+def test_widening_bias_gap_fails(tmp_path):
+    gap = np.full((len(PROMPTS), len(SEEDS)), 0.10)
+    run = probe.load_run(make_run(tmp_path / "run", {"gender_gap": gap + 0.2}))
+    baseline = baseline_from_run(make_run(tmp_path / "base", {"gender_gap": gap}))
+    result = evaluate(run, baseline, [Rule("gender_gap", max_increase=0.05)])
+    assert not result.passed and result.outcomes[0].estimate == pytest.approx(0.2)
+    assert evaluate(run, baseline, [Rule("gender_gap", max_increase=0.5)]).passed
+
+
+def test_absolute_bounds(tmp_path, base_values):
+    run = probe.load_run(make_run(tmp_path / "run", {"clip_score": base_values}))
+    assert evaluate(run, None, [Rule("clip_score", min=25.0)]).passed
+    assert not evaluate(run, None, [Rule("clip_score", min=35.0)]).passed
+    assert not evaluate(run, None, [Rule("clip_score", max=25.0)]).passed
+
+
+def test_misuse_is_a_usage_error(tmp_path, base_values):
+    run = probe.load_run(make_run(tmp_path / "run", {"clip_score": base_values}))
+    other_suite = baseline_from_run(make_run(tmp_path / "b1", {"clip_score": base_values}, suite="other"))
+    disjoint = baseline_from_run(make_run(tmp_path / "b2", {"clip_score": base_values},
+                                          prompts=[f"else {i}" for i in range(12)]))
+    with pytest.raises(UsageError, match="did you mean 'clip_score'"):
+        evaluate(run, None, [Rule("clip_scor", min=1)])
+    with pytest.raises(UsageError, match="suite 'other'"):
+        evaluate(run, other_suite, [Rule("clip_score", max_drop=1)])
+    with pytest.raises(UsageError, match="no image pairs"):
+        evaluate(run, disjoint, [Rule("clip_score", max_drop=1)])
+    with pytest.raises(UsageError, match="needs|compares with a baseline"):
+        evaluate(run, None, [Rule("clip_score", max_drop=1)])
+    with pytest.raises(UsageError):
+        parse_rule("clip_score:max_dorp=1")
+
+
+def test_cli_exit_codes_junit_markdown_json(tmp_path, base_values):
+    run = make_run(tmp_path / "run", {"clip_score": base_values - 2.0})
+    base = make_run(tmp_path / "base", {"clip_score": base_values})
+    saved = tmp_path / "baseline.json"
+    assert probe_cli("baseline", "save", str(base), "-o", str(saved)).returncode == 0
+    proc = probe_cli("check", str(run), "--baseline", str(saved), "--rule", "clip_score:max_drop=0.5",
+                     "--rule", "clip_score:min=1", "--junit", str(tmp_path / "j.xml"), "--markdown",
+                     str(tmp_path / "m.md"), "--json", str(tmp_path / "v.json"))
+    assert proc.returncode == 1, proc.stderr
+    assert "FAIL" in proc.stdout
+    suite = ET.parse(tmp_path / "j.xml").getroot()
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == ["clip_score[all] max_drop 0.5 (significant)",
+                                              "clip_score[all] min 1 (significant)"]
+    assert suite.get("failures") == "1" and cases[0].find("failure") is not None and cases[1].find("failure") is None
+    assert "drop 2" in cases[0].find("failure").text
+    assert "**regression**" in (tmp_path / "m.md").read_text()
+    assert json.loads((tmp_path / "v.json").read_text())["verdict"] == "fail"
+    misuse = probe_cli("check", str(run), "--rule", "nope:min=1")
+    assert misuse.returncode == 2 and "Traceback" not in misuse.stderr
+
+
+@pytest.mark.slow
+def test_real_tiny_run_passes_against_its_own_baseline(smoke_run, tmp_path):
+    root, _, proc = smoke_run
+    assert proc.returncode == 0
+    run = root / "reports" / "smoke" / "latest"
+    saved = tmp_path / "smoke.json"
+    assert probe_cli("baseline", "save", str(run), "-o", str(saved)).returncode == 0
+    check = probe_cli("check", str(run), "--baseline", str(saved))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "passed" in check.stdout
