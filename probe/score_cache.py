@@ -1,4 +1,6 @@
-"""Per-image scores shared by all runs: (metric config id, image key) -> score row, computed once, ever.
+"""Per-image scores shared by all runs: (metric config id, image key) -> score rows, computed once, ever.
+
+A metric may write several rows per image (ocr writes ocr_exact, ocr_cer, ...); they are kept together.
 
 Like the image store, so re-running a suite (or another suite over the same images) re-scores nothing.
 One append-only JSONL file per metric configuration under `<cache>/scores/`; each append is fsynced, and
@@ -18,16 +20,16 @@ class ScoreCache:
 
     def __init__(self, cache_root: Path) -> None:
         self.root = Path(cache_root) / "scores"
-        self._loaded: dict[str, dict[str, dict[str, Any]]] = {}
+        self._loaded: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
     def _path(self, metric: str, config_id: str) -> Path:
         return self.root / f"{metric}-{config_id}.jsonl"
 
-    def rows(self, metric: str, config_id: str) -> dict[str, dict[str, Any]]:
+    def rows(self, metric: str, config_id: str) -> dict[str, list[dict[str, Any]]]:
         """Cached rows of one configuration, by image key."""
         name = f"{metric}-{config_id}"
         if name not in self._loaded:
-            found: dict[str, dict[str, Any]] = {}
+            found: dict[str, list[dict[str, Any]]] = {}
             path = self._path(metric, config_id)
             if path.is_file():
                 for line in path.read_text(encoding="utf-8").splitlines():
@@ -35,7 +37,9 @@ class ScoreCache:
                         row = json.loads(line)
                     except json.JSONDecodeError:
                         continue
-                    found[row["key"]] = row
+                    found.setdefault(row["key"], [])
+                    if row not in found[row["key"]]:
+                        found[row["key"]].append(row)
             self._loaded[name] = found
         return self._loaded[name]
 
@@ -49,4 +53,6 @@ class ScoreCache:
             handle.write("".join(json.dumps(r, default=str) + "\n" for r in rows))
             handle.flush()
             os.fsync(handle.fileno())
-        self.rows(metric, config_id).update({r["key"]: r for r in rows})
+        loaded = self.rows(metric, config_id)
+        for row in rows:
+            loaded.setdefault(row["key"], []).append(row)

@@ -121,11 +121,11 @@ def _items(rows: pd.DataFrame, run_dir: Path) -> list[ImageItem]:
 def _score_images(metric: ImageMetric, cid: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
                   writer: _ScoreWriter, progress: Any) -> tuple[int, int]:
     existing = writer.frame
-    have = set(existing.loc[(existing["metric"] == metric.name) & (existing["config_id"] == cid), "key"])
+    have = set(existing.loc[existing["config_id"] == cid, "key"])  # a config id names one metric configuration
     items = _items(rows, run_dir)
     cache = ScoreCache(ctx.features.root.parent)
     cached = cache.rows(metric.name, cid)
-    writer.add([cached[i.key] for i in items if i.key not in have and i.key in cached])
+    writer.add([row for i in items if i.key not in have and i.key in cached for row in cached[i.key]])
     todo = [i for i in items if i.key not in have and i.key not in cached]
     if progress is not None and todo:
         progress.group(f"score {metric.name}", len(todo))

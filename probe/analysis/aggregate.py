@@ -53,7 +53,9 @@ def aggregate(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
                         "metric": row.metric, "kind": "set", "mean": row.value, "low": row.low, "high": row.high,
                         "n_prompts": _n_prompts(jobs, row), "n_images": row.n, "reference": row.reference,
                         "group": row.group})
-    return pd.DataFrame(records, columns=AGGREGATE_COLUMNS)
+    out = pd.DataFrame(records, columns=AGGREGATE_COLUMNS)
+    out["steps"] = out["steps"].astype("Int64")  # set rows arrive as floats; steps are counts
+    return out
 
 
 def _same(column: pd.Series, value: object) -> pd.Series:
