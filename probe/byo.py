@@ -164,4 +164,7 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
         "metrics": counts.configs,
     }))
     run.update_latest()
+    from probe.runner import render_report
+
+    render_report(run.path)
     return run.path, {"computed": counts.computed, "reused": counts.reused}

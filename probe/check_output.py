@@ -36,7 +36,7 @@ def write_junit(verdict: Verdict, path: Path) -> None:
             failure.text = "\n".join(lines)
         else:
             ET.SubElement(case, "system-out").text = "\n".join(f"{_scope(o)}: {o.detail}" for o in outcomes)
-    atomic_write_bytes(path, ET.tostring(ET.ElementTree(suite).getroot(), encoding="utf-8", xml_declaration=True))
+    atomic_write_bytes(path, ET.tostring(suite, encoding="utf-8", xml_declaration=True))
 
 
 def markdown(verdict: Verdict) -> str:

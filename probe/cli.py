@@ -71,6 +71,8 @@ def run(
     verb = "resumed" if summary.resumed else "run"
     out.print(f"{verb} {summary.run_dir}: planned {c.planned}, generated {c.generated}, cached {c.cached}, "
               f"failed {c.failed} in {summary.wall_seconds:.1f} s", highlight=False, soft_wrap=True)
+    if summary.report is not None:
+        out.print(f"report: {summary.report}", highlight=False, soft_wrap=True)
     if summary.failures:
         for failure in summary.failures[:20]:
             err.print(f"  failed {failure['model']} {failure['probe']} seed={failure['seed']} "
@@ -78,6 +80,26 @@ def run(
         if len(summary.failures) > 20:
             err.print(f"  ... and {len(summary.failures) - 20} more (see manifest.json)")
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory, e.g. reports/smoke/latest.")],
+    baseline: Annotated[Path | None, typer.Option(help="Another run directory to compare with (deltas).")] = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the report in a browser.")] = False,
+) -> None:
+    """(Re)render index.html + assets/ inside a run directory from its files alone (no model needed)."""
+    from probe.report import build_report
+
+    try:
+        path = build_report(run_dir, baseline)
+    except ProbeError as exc:
+        raise _fail(exc) from None
+    out.print(f"report: {path}", highlight=False, soft_wrap=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
 
 
 @app.command()

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from probe.datasets import DATASETS, dataset_path
 from probe.errors import UsageError, suggest
-from probe.metrics.catalog import METRICS
+from probe.metrics.catalog import DERIVED_DIRECTIONS, METRICS
 from probe.models.registry import PRESETS
 from probe.suite import ALL_FIELD_NAMES, MetricSpec, Probe, PromptFile, Suite, VarFile
 from probe.yamlsrc import FieldPath, YamlProblem, format_path, line_of, load_yaml
@@ -89,8 +89,8 @@ def load_suite(path: str | Path) -> LoadedSuite:
     try:
         suite = Suite.model_validate(data)
     except ValidationError as exc:
-        issues = _pydantic_issues(exc, data)
-        raise SuiteError(path, [(line_of(lines, p), p, m) for p, m in issues]) from None
+        found = _pydantic_issues(exc, data)
+        raise SuiteError(path, [(line_of(lines, p), p, m) for p, m in found]) from None
     issues: list[Issue] = []
     prompts: dict[str, list[PromptItem]] = {}
     images: dict[str, list[InitImage]] = {}
@@ -162,8 +162,9 @@ def _check_probes(suite: Suite, issues: list[Issue], base: Path) -> None:
         for m_index, spec in enumerate(probe.metrics):
             _check_metric(suite, probe, spec, ("probes", index, "metrics", m_index), issues, base)
     for index, check in enumerate(suite.checks):
-        if check.metric not in METRICS:  # a metric name, not a spec
-            issues.append((("checks", index, "metric"), f"unknown metric {check.metric!r}{suggest(check.metric, METRICS)}"))
+        scored = {**METRICS, **DERIVED_DIRECTIONS}  # checks may gate on rows a metric writes (ocr_cer)
+        if check.metric not in scored:
+            issues.append((("checks", index, "metric"), f"unknown metric {check.metric!r}{suggest(check.metric, scored)}"))
         if check.probe is not None and check.probe not in names:
             issues.append((("checks", index, "probe"), f"unknown probe {check.probe!r}{suggest(check.probe, names)}"))
         if check.model is not None and check.model not in labels:

@@ -59,7 +59,7 @@ def build_manifest(
     return RunManifest(
         probe_version=metadata.version("probe") if _installed("probe") else "unknown",
         suite_name=loaded.suite.name,
-        suite_path=str(loaded.path),
+        suite_path=str(loaded.path.resolve()),
         suite_sha256=suite_sha,
         suite=suite_data,
         plan_sha256=plan_hash,

@@ -65,6 +65,7 @@ class RunSummary:
     wall_seconds: float
     resumed: bool
     failures: list[dict[str, str]] = field(default_factory=list)
+    report: Path | None = None
 
 
 def resolve_device(device: str | None) -> str:
@@ -111,7 +112,20 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     wall = time.time() - started
     run.write_manifest(finish_manifest(manifest, counts, failures, wall, metric_configs))
     run.update_latest()
-    return RunSummary(run_dir=run.path, counts=counts, wall_seconds=wall, resumed=resumed, failures=failures)
+    report = render_report(run.path)
+    return RunSummary(run_dir=run.path, counts=counts, wall_seconds=wall, resumed=resumed, failures=failures,
+                      report=report)
+
+
+def render_report(run_dir: Path) -> Path | None:
+    """index.html for the finished run; a report problem is logged, never fatal to a finished run."""
+    from probe.report import build_report
+
+    try:
+        return build_report(run_dir)
+    except Exception:  # noqa: BLE001 - the run's data is safe on disk; `probe report` can retry
+        log.exception("could not render the report for %s (rerun `probe report %s`)", run_dir, run_dir)
+        return None
 
 
 def clip_model_for(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions) -> str:

@@ -178,14 +178,18 @@ def _set_row(metric: SetMetric, cid: str, probe: str, coords: dict[str, Any], gr
              ctx: ScoringContext) -> dict[str, Any]:
     features = metric.embed(items, ctx)
     reference = metric.embed(reference_items, ctx)
+    value: float | None = None
+    low: float | None = None
+    high: float | None = None
     try:
-        value, extra = metric.compare(features, reference)
+        point, extra = metric.compare(features, reference)
     except ValueError as exc:  # e.g. a group too small for the metric: recorded, not fatal
         log.warning("%s for %s/%s steps=%s: %s", metric.name, probe, coords["model"], coords["steps"], exc)
-        value, extra, low, high = None, {"error": str(exc)}, None, None
+        extra = {"error": str(exc)}
     else:
         prompts = group.drop_duplicates("key").set_index("key").loc[[i.key for i in items], "prompt"].to_numpy()
-        low, high = _bootstrap_set(metric, features, reference, prompts, value)
+        value = point
+        low, high = _bootstrap_set(metric, features, reference, prompts, point)
         extra = {**extra, "ci_resamples": metric.ci_resamples, "ci": "basic bootstrap over prompts of the evaluated set"}
     variables = {k: v for k, v in coords.items() if k.startswith("var_")}
     return {"metric": metric.name, "config_id": cid, "key": None, "value": value, "low": low, "high": high,

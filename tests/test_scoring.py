@@ -67,7 +67,7 @@ def test_aggregates_equal_means_of_per_image_scores(smoke_run):
     aggregates = pd.read_parquet(run / "aggregates.parquet")
     joined = jobs.merge(scores[scores["metric"] == "clip_score"][["key", "value"]], on="key")
     expected = joined.groupby(["probe", "model", "steps"])["value"].agg(["mean", "size"])
-    image_rows = aggregates[(aggregates["kind"] == "image") & aggregates["strength"].isna()]
+    image_rows = aggregates[(aggregates["metric"] == "clip_score") & aggregates["strength"].isna()]
     for row in image_rows.itertuples():
         mean, size = expected.loc[(row.probe, row.model, row.steps)]
         assert row.mean == pytest.approx(mean) and row.n_images == size

@@ -36,6 +36,9 @@ METRICS: dict[str, MetricInfo] = {
     "perceived_gender": MetricInfo("probe.metrics.gender:PerceivedGender", "image", "none",
                                    "perceived gender presentation of the largest face by CLIP zero-shot "
                                    "(feminine/masculine/unclear/no_person); never gender identity"),
+    "ocr": MetricInfo("probe.metrics.text:Ocr", "image", "higher",
+                      "OCR read-back of the requested text (rapidocr with its bundled PP-OCR models); writes the rows "
+                      "ocr_exact, ocr_cer, ocr_f1 and ocr_detected"),
     "fid": MetricInfo("probe.metrics.fid:Fid", "set", "lower",
                       "Frechet distance to a reference set on Inception (clean-fid preprocessing) or CLIP features"),
     "kid": MetricInfo("probe.metrics.fid:Kid", "set", "lower",
@@ -44,7 +47,12 @@ METRICS: dict[str, MetricInfo] = {
 
 
 #: Directions of score rows whose name is not a suite metric: rows another metric writes (e.g. ocr's ocr_cer).
-DERIVED_DIRECTIONS: dict[str, Literal["higher", "lower", "none"]] = {}
+DERIVED_DIRECTIONS: dict[str, Literal["higher", "lower", "none"]] = {
+    "ocr_exact": "higher",  # exact match after normalisation
+    "ocr_cer": "lower",  # character error rate, edit distance / target length (uncapped)
+    "ocr_f1": "higher",  # MARIO-Eval word F1
+    "ocr_detected": "higher",  # any text detected
+}
 
 
 def direction_of(metric: str) -> Literal["higher", "lower", "none"]:

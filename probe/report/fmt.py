@@ -1,0 +1,95 @@
+"""Number formatting shared by every report table (tests format aggregates with these to compare)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from probe.metrics import catalog
+
+DASH = "\u2014"
+#: Fallback directions of score rows that are not catalog entries (the catalog's own table wins).
+_DIRECTIONS = {"ocr_exact": "higher", "ocr_cer": "lower", "ocr_f1": "higher", "ocr_detected": "higher",
+               "faces": "none", "perceived_gender": "none", "skin_tone": "none"}
+ARROWS = {"higher": "\u2191", "lower": "\u2193", "none": ""}
+
+
+def missing(value: Any) -> bool:
+    """None, NaN or pandas' NA (parquet brings all three back)."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    try:
+        return math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt(value: Any) -> str:
+    """A number to 4 significant digits, trailing zeros kept ('—' when missing); thousands without decimals."""
+    if missing(value):
+        return DASH
+    number = float(value)
+    if number == 0:
+        return "0"
+    if abs(number) >= 1000:
+        return f"{number:,.0f}"
+    if abs(number) < 1e-3:
+        return f"{number:.2e}"
+    return f"{number:#.4g}".rstrip(".")
+
+
+def fmt_signed(value: Any) -> str:
+    """A difference with its sign: '+0.3201', '-1.2'."""
+    if missing(value):
+        return DASH
+    text = fmt(value)
+    return text if text.startswith("-") or text == "0" else f"+{text}"
+
+
+def fmt_ci(low: Any, high: Any) -> str:
+    """'[low, high]', or '' when the interval is missing (e.g. fewer than two prompts)."""
+    if missing(low) or missing(high):
+        return ""
+    return f"[{fmt(low)}, {fmt(high)}]"
+
+
+def fmt_coord(value: Any) -> str:
+    """Steps or strength as a label: 4, 0.25; '' when missing (txt2img has no strength)."""
+    if missing(value):
+        return ""
+    number = float(value)
+    return str(int(number)) if number.is_integer() and abs(number) >= 1 else f"{number:g}"
+
+
+def fmt_count(value: Any) -> str:
+    """A count as an integer ('—' when missing)."""
+    return DASH if missing(value) else str(int(value))
+
+
+def fmt_pct(value: Any) -> str:
+    """A share in [0, 1] as a percentage with one decimal."""
+    return DASH if missing(value) else f"{100 * float(value):.1f}%"
+
+
+def direction(metric: str) -> str:
+    """higher | lower | none, from the metric catalog (or the OCR/bias family tables)."""
+    info = catalog.METRICS.get(metric)
+    if info is not None:
+        return info.direction
+    derived: dict[str, str] = getattr(catalog, "DERIVED_DIRECTIONS", {})
+    return derived.get(metric) or _DIRECTIONS.get(metric, "none")
+
+
+def description(metric: str) -> str:
+    info = catalog.METRICS.get(metric)
+    return info.description if info is not None else ""
+
+
+def better(metric: str, delta: Any) -> bool | None:
+    """Whether a positive/negative change is an improvement for this metric (None: no direction)."""
+    way = direction(metric)
+    if way == "none" or missing(delta) or float(delta) == 0:
+        return None
+    return (float(delta) > 0) == (way == "higher")
