@@ -105,7 +105,7 @@ def score_run(
         if isinstance(item.metric, SetMetric):
             done = _score_sets(item.metric, item.spec, item.config_id, item.probe, rows, run_dir, ctx, writer, progress)
         else:
-            done = _score_images(item.metric, item.config_id, rows, run_dir, ctx, writer, progress)
+            done = _score_images(item.metric, item.config_id, item.probe, rows, run_dir, ctx, writer, progress)
         counts.computed[name] = counts.computed.get(name, 0) + done[0]
         counts.reused[name] = counts.reused.get(name, 0) + done[1]
     return counts
@@ -118,8 +118,8 @@ def _items(rows: pd.DataFrame, run_dir: Path) -> list[ImageItem]:
             for r in unique.itertuples()]
 
 
-def _score_images(metric: ImageMetric, cid: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
-                  writer: _ScoreWriter, progress: Any) -> tuple[int, int]:
+def _score_images(metric: ImageMetric, cid: str, probe: str, rows: pd.DataFrame, run_dir: Path,
+                  ctx: ScoringContext, writer: _ScoreWriter, progress: Any) -> tuple[int, int]:
     existing = writer.frame
     have = set(existing.loc[existing["config_id"] == cid, "key"])  # a config id names one metric configuration
     items = _items(rows, run_dir)
@@ -128,7 +128,7 @@ def _score_images(metric: ImageMetric, cid: str, rows: pd.DataFrame, run_dir: Pa
     writer.add([row for i in items if i.key not in have and i.key in cached for row in cached[i.key]])
     todo = [i for i in items if i.key not in have and i.key not in cached]
     if progress is not None and todo:
-        progress.group(f"score {metric.name}", len(todo))
+        progress.group(f"score {metric.name} ({probe})", len(todo))
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start : start + CHUNK]
         new_rows = [_image_row(s, cid) for s in metric.score(chunk, ctx)]

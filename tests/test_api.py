@@ -88,3 +88,16 @@ def test_import_probe_is_light():
     code = "import sys, probe; probe.load_suite; print('torch' in sys.modules, 'pandas' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_readme_api_example_runs_as_written(smoke_run, tmp_path):
+    root, _, proc = smoke_run
+    assert proc.returncode == 0
+    text = (REPO / "README.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "reports" / "smoke").mkdir(parents=True)
+    (tmp_path / "reports" / "smoke" / "latest").symlink_to((root / "reports" / "smoke" / "latest").resolve())
+    done = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True,
+                          env={"MPLBACKEND": "Agg", "PATH": ""})
+    assert done.returncode == 0, done.stderr
+    assert "clip_score" in done.stdout and (tmp_path / "grid.png").is_file()
