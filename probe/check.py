@@ -111,8 +111,7 @@ def parse_rule(text: str) -> Rule:
 
 def rules_from_checks(checks: Iterable[Check]) -> list[Rule]:
     """The suite's `checks:` as rules."""
-    return [Rule(metric=c.metric, probe=c.probe, model=c.model, steps=c.steps, min=c.min, max=c.max,
-                 max_drop=c.max_drop, max_increase=c.max_increase, mode=c.mode) for c in checks]
+    return [Rule(**c.model_dump()) for c in checks]
 
 
 def evaluate(run: Run, baseline: Baseline | None, rules: list[Rule]) -> Verdict:

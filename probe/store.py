@@ -54,20 +54,14 @@ class ImageStore:
 
     def put(self, key: str, image: Image.Image) -> Path:
         """Save `image` as the PNG for `key`; the key is also written into the PNG's text chunk."""
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        import io
+
         info = PngImagePlugin.PngInfo()
         info.add_text("probe-key", key)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                image.save(handle, format="PNG", pnginfo=info)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", pnginfo=info)
+        target = self.path(key)
+        atomic_write_bytes(target, buffer.getvalue())
         return target
 
     def open(self, key: str) -> Image.Image:
