@@ -166,14 +166,15 @@ def models(ctx: typer.Context) -> None:
     from probe.models.loading import is_cached
     from probe.models.registry import PRESETS
 
-    table = Table()
-    for column in ("preset", "hub id", "revision", "LoRA", "defaults", "cached"):
-        table.add_column(column)
     for preset in PRESETS.values():
-        defaults = f"{preset.size[0]}x{preset.size[1]}, steps {list(preset.steps)}, guidance {preset.guidance}"
-        table.add_row(preset.name, preset.model_id, (preset.revision or "-")[:12], preset.lora_id or "-",
-                      defaults, "yes" if is_cached(preset) else "no")
-    out.print(table)
+        cached = "yes" if is_cached(preset) else "no"
+        out.print(f"[bold]{preset.name}[/] ({preset.role}) cached: {cached}", highlight=False)
+        pinned = f" @ {preset.revision}" if preset.revision else ""
+        out.print(f"  hub id: {escape(preset.model_id)}{pinned}", highlight=False, soft_wrap=True)
+        if preset.lora_id:
+            out.print(f"  LoRA: {escape(preset.lora_id)} @ {preset.lora_revision}", highlight=False, soft_wrap=True)
+        out.print(f"  defaults: {preset.size[0]}x{preset.size[1]}, steps {list(preset.steps)}, guidance "
+                  f"{preset.guidance}" + (f", {preset.scheduler}" if preset.scheduler else ""), highlight=False)
 
 
 @models_app.command("pull")

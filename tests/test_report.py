@@ -229,3 +229,17 @@ def test_report_in_headless_chromium(report, bias_report, xss_report, tmp_path):
         assert chrome.evaluate("[...document.querySelectorAll('th.prompt')].map(e => e.textContent)")[0] == XSS
         chrome.screenshot(tmp_path / "report.png")
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_probe_run_prints_the_report_and_probe_report_rerenders(smoke_run, tmp_path):
+    root, _, proc = smoke_run
+    assert proc.returncode == 0
+    run = (root / "reports" / "smoke" / "latest").resolve()
+    assert f"report: {run / 'index.html'}" in proc.stdout.replace("\n", "")
+    copy = _copy_run(smoke_run, tmp_path / "smoke" / "copy")
+    (copy / "index.html").unlink(missing_ok=True)
+    again = probe_cli("report", str(copy), "--baseline", str(run))
+    assert again.returncode == 0, again.stderr
+    assert (copy / "index.html").is_file() and str(copy / "index.html") in again.stdout.replace("\n", "")
+    missing = probe_cli("report", str(tmp_path))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr

@@ -155,3 +155,24 @@ def test_missing_weights_fail_before_work(write_suite, tmp_path, monkeypatch):
         assert needle in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "reports").exists(), "no run folder may be made before the weights are checked"
+
+
+def test_models_lists_presets_and_cache_state(tmp_path):
+    proc = probe_cli("models", env={"HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 0, proc.stderr
+    blocks = {block.split()[0]: block for block in proc.stdout.split("\n") if block and not block.startswith(" ")}
+    assert {"sd-turbo", "sd21", "lcm-lora-sd15", "lcm-lora-sdxl", "sdxl-turbo", "tiny"} <= set(blocks)
+    assert "stabilityai/sd-turbo @ b261bac6fd2cf515557d5d0707481eafa0485ec2" in proc.stdout
+    assert blocks["tiny"].endswith("cached: yes") and blocks["sd-turbo"].endswith("cached: no")
+
+
+def test_bias_suite_runs_on_tiny_with_all_four_metrics(tmp_path):
+    proc = probe_cli("run", "suites/bias.yaml", "--model", "tiny", "--limit", "1", "--out", str(tmp_path / "r"),
+                     env={"PROBE_CACHE": str(tmp_path / "cache")}, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    scores = pd.read_parquet(tmp_path / "r" / "bias" / "latest" / "scores.parquet")
+    jobs = pd.read_parquet(tmp_path / "r" / "bias" / "latest" / "jobs.parquet")
+    per_metric = scores.groupby("metric")["key"].nunique()
+    for metric in ("faces", "perceived_gender", "skin_tone", "clip_score"):
+        assert per_metric[metric] == jobs["key"].nunique()
+    assert set(jobs["probe"]) == {"occupations", "descriptors"}
