@@ -60,8 +60,8 @@ def save_baseline(run_dir: Path, target: Path) -> Baseline:
         "suite_name": baseline.suite_name,
         "suite_sha256": baseline.suite_sha256,
         "provenance": baseline.provenance,
-        "per_image": json.loads(baseline.per_image.to_json(orient="records")),
-        "sets": json.loads(baseline.sets.to_json(orient="records")),
+        "per_image": json.loads(baseline.per_image.to_json(orient="records", double_precision=15)),
+        "sets": json.loads(baseline.sets.to_json(orient="records", double_precision=15)),
         "aggregates": _aggregates(run_dir),
     }
     atomic_write_bytes(target, json.dumps(payload, indent=1, default=str).encode("utf-8"))
@@ -70,7 +70,7 @@ def save_baseline(run_dir: Path, target: Path) -> Baseline:
 
 def _aggregates(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "aggregates.parquet"
-    return json.loads(pd.read_parquet(path).to_json(orient="records")) if path.is_file() else []
+    return json.loads(pd.read_parquet(path).to_json(orient="records", double_precision=15)) if path.is_file() else []
 
 
 def load_baseline(path: Path) -> Baseline:
