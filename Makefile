@@ -23,6 +23,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check probe tests benchmarks
+	$(BIN)/mypy probe
 
 lint: install
 	$(BIN)/ruff check probe tests benchmarks
