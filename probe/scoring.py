@@ -154,6 +154,7 @@ def _score_sets(metric: SetMetric, spec: MetricSpec, cid: str, probe: str, rows:
         progress.group(f"score {metric.name} ({probe})", len(groups))
     computed = reused = 0
     existing = writer.frame
+    references: dict[str, np.ndarray] = {}  # one array per reference set, so metrics reuse its statistics
     for values, group in groups:
         coords = dict(zip(by, values if isinstance(values, tuple) else (values,), strict=True))
         reference_items, reference_name = _reference(spec, rows, coords, run_dir, ctx)
@@ -167,17 +168,19 @@ def _score_sets(metric: SetMetric, spec: MetricSpec, cid: str, probe: str, rows:
                 & (existing["probe"] == probe)).any():
             reused += 1
             continue
-        writer.add([_set_row(metric, cid, probe, coords, group, items, reference_items, reference_name,
-                             set_hash, ctx)])
+        ref_id = _set_hash([], reference_items)
+        if ref_id not in references:
+            references[ref_id] = metric.embed(reference_items, ctx)
+        writer.add([_set_row(metric, cid, probe, coords, group, items, references[ref_id], reference_items,
+                             reference_name, set_hash, ctx)])
         computed += 1
     return computed, reused
 
 
 def _set_row(metric: SetMetric, cid: str, probe: str, coords: dict[str, Any], group: pd.DataFrame,
-             items: list[ImageItem], reference_items: list[ImageItem], reference_name: str, set_hash: str,
-             ctx: ScoringContext) -> dict[str, Any]:
+             items: list[ImageItem], reference: np.ndarray, reference_items: list[ImageItem], reference_name: str,
+             set_hash: str, ctx: ScoringContext) -> dict[str, Any]:
     features = metric.embed(items, ctx)
-    reference = metric.embed(reference_items, ctx)
     value: float | None = None
     low: float | None = None
     high: float | None = None
