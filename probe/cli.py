@@ -54,7 +54,7 @@ def run(
     new: Annotated[bool, typer.Option("--new", help="Start a new run folder instead of resuming one.")] = False,
     clip_model: Annotated[str | None, typer.Option(help="CLIP for all CLIP metrics: hub id, folder or 'tiny'.")] = None,
 ) -> None:
-    """Plan, generate (what is not cached yet) and write a run directory. Resumes interrupted runs."""
+    """Plan, generate what is not cached yet, score and write the report. Resumes interrupted runs."""
     from probe.progress import RichProgress
     from probe.runner import RunOptions, run_suite
 
