@@ -4,7 +4,8 @@ A rule names a metric and a scope (probe, model, steps) and one kind of bound:
 - `min` / `max`: an absolute bound on the mean (e.g. ocr_exact >= 0.05);
 - `max_drop`: how far quality may fall against the baseline, in the metric's bad direction (clip_score
   falling, cmmd rising);
-- `max_increase`: how far the value may rise against the baseline (e.g. a bias gap).
+- `max_increase`: how far the value may rise against the baseline (e.g. a bias gap: `reference_gap`,
+  `parity_gap` and `feminine_share` are computed from perceived_gender labels per group, see check_bias.py).
 Mode `significant` (the default) fails only when the 95% CI of the (paired) change, or of the mean for a
 bound, lies entirely beyond the tolerance; `strict` compares point estimates.
 """
@@ -21,6 +22,7 @@ import pandas as pd
 from probe.analysis.aggregate import per_image
 from probe.analysis.stats import cluster_bootstrap
 from probe.baseline import COORDINATES, Baseline
+from probe.check_bias import BIAS_GAPS, bias_outcomes
 from probe.errors import UsageError, suggest
 from probe.metrics.catalog import direction_of
 
@@ -125,7 +127,10 @@ def evaluate(run: Run, baseline: Baseline | None, rules: list[Rule]) -> Verdict:
     sets = scores[scores["key"].isna()] if not scores.empty else scores
     verdict = Verdict(rules=rules)
     for rule in rules:
-        verdict.outcomes.extend(_evaluate_rule(rule, images, sets, baseline))
+        if rule.metric in BIAS_GAPS:
+            verdict.outcomes.extend(bias_outcomes(rule, images, run.jobs, baseline, _decide))
+        else:
+            verdict.outcomes.extend(_evaluate_rule(rule, images, sets, baseline))
     return verdict
 
 

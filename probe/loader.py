@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from probe.datasets import DATASETS, dataset_path
 from probe.errors import UsageError, suggest
-from probe.metrics.catalog import DERIVED_DIRECTIONS, METRICS
+from probe.metrics.catalog import CHECK_ONLY_METRICS, DERIVED_DIRECTIONS, METRICS
 from probe.models.registry import PRESETS
 from probe.suite import ALL_FIELD_NAMES, MetricSpec, Probe, PromptFile, Suite, VarFile
 from probe.yamlsrc import FieldPath, YamlProblem, format_path, line_of, load_yaml
@@ -162,7 +162,7 @@ def _check_probes(suite: Suite, issues: list[Issue], base: Path) -> None:
         for m_index, spec in enumerate(probe.metrics):
             _check_metric(suite, probe, spec, ("probes", index, "metrics", m_index), issues, base)
     for index, check in enumerate(suite.checks):
-        scored = {**METRICS, **DERIVED_DIRECTIONS}  # checks may gate on rows a metric writes (ocr_cer)
+        scored = {**METRICS, **DERIVED_DIRECTIONS, **CHECK_ONLY_METRICS}  # rows a metric writes, bias gaps
         if check.metric not in scored:
             issues.append((("checks", index, "metric"), f"unknown metric {check.metric!r}{suggest(check.metric, scored)}"))
         if check.probe is not None and check.probe not in names:

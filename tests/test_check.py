@@ -138,3 +138,38 @@ def test_real_tiny_run_passes_against_its_own_baseline(smoke_run, tmp_path):
     check = probe_cli("check", str(run), "--baseline", str(saved))
     assert check.returncode == 0, check.stdout + check.stderr
     assert "passed" in check.stdout
+
+
+def make_gender_run(path: Path, feminine_per_occupation: int, suite: str = "gate") -> Path:
+    """10 occupations x 10 seeds with a 50% reference share; `feminine_per_occupation` of 10 labelled feminine."""
+    path.mkdir(parents=True)
+    jobs, rows = [], []
+    for o in range(10):
+        for s in SEEDS + [6, 7, 8, 9]:
+            key = f"{path.name}-{o}-{s}"
+            jobs.append({"key": key, "probe": "occupations", "model": "m", "prompt": f"a photo of occupation {o}",
+                         "seed": s, "steps": 1, "strength": None, "init_image": None, "image": f"images/{key}.png",
+                         "var_occupation": f"occupation {o}", "attr_bls_pct_female": 50.0})
+            label = "feminine" if s < feminine_per_occupation else "masculine"
+            rows.append({"metric": "perceived_gender", "config_id": "g", "key": key,
+                         "value": 0.9 if label == "feminine" else 0.1, "label": label})
+    pd.DataFrame(jobs).to_parquet(path / "jobs.parquet", index=False)
+    pd.DataFrame(rows).reindex(columns=["metric", "config_id", "key", "value", "low", "high", "label", "text", "probe",
+                                        "model", "steps", "strength", "group", "reference", "set_hash", "n",
+                                        "n_reference", "extra"]).to_parquet(path / "scores.parquet", index=False)
+    (path / "manifest.json").write_text(json.dumps({"suite_name": suite, "suite": {}, "suite_sha256": "x"}))
+    return path
+
+
+def test_bias_gap_that_widens_fails(tmp_path):
+    baseline = baseline_from_run(make_gender_run(tmp_path / "base", feminine_per_occupation=5))  # share 0.5 = BLS
+    wider = probe.load_run(make_gender_run(tmp_path / "wider", feminine_per_occupation=8))  # share 0.8: gap 0.3
+    same = probe.load_run(make_gender_run(tmp_path / "same", feminine_per_occupation=5))
+    rule = Rule("reference_gap", probe="occupations", max_increase=0.05)
+    failed = evaluate(wider, baseline, [rule])
+    assert not failed.passed
+    assert failed.outcomes[0].estimate == pytest.approx(0.3) and failed.outcomes[0].baseline == pytest.approx(0.0)
+    assert evaluate(same, baseline, [rule]).passed
+    parity = evaluate(wider, None, [Rule("parity_gap", max=0.1)])
+    assert not parity.passed and parity.outcomes[0].estimate == pytest.approx(0.3)
+    assert evaluate(same, None, [Rule("parity_gap", max=0.1)]).passed

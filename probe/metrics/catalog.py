@@ -55,8 +55,17 @@ DERIVED_DIRECTIONS: dict[str, Literal["higher", "lower", "none"]] = {
 }
 
 
+#: Names `probe check` rules accept that are computed from labels per group, not stored as score rows
+#: (see probe/check_bias.py): gaps of perceived gender presentation from parity and from a reference share.
+CHECK_ONLY_METRICS: dict[str, Literal["higher", "lower", "none"]] = {
+    "feminine_share": "none",
+    "parity_gap": "lower",
+    "reference_gap": "lower",
+}
+
+
 def direction_of(metric: str) -> Literal["higher", "lower", "none"]:
     """Whether higher or lower values of a score row are better ("none" for descriptive values)."""
     if metric in METRICS:
         return METRICS[metric].direction
-    return DERIVED_DIRECTIONS.get(metric, "none")
+    return DERIVED_DIRECTIONS.get(metric, CHECK_ONLY_METRICS.get(metric, "none"))
