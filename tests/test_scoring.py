@@ -146,3 +146,20 @@ def test_probe_score_rejects_missing_files_and_unknown_metrics(tmp_path):
                      "--clip-model", "tiny", "--out", str(tmp_path / "reports"))
     assert proc.returncode == 2 and "needs --reference" in proc.stderr
     assert not (tmp_path / "reports").exists()
+
+
+def test_long_prompts_are_counted_as_truncated(write_suite, tmp_path):
+    from probe.runner import RunOptions, run_suite
+
+    long_prompt = "a very detailed photo of " + " ".join(f"object{i}" for i in range(90))
+    suite = write_suite(f"""
+        name: long
+        models: [tiny]
+        seeds: 2
+        probes:
+          - {{name: p, prompts: ["{long_prompt}", a short prompt], steps: [1], metrics: [clip_score]}}
+    """)
+    summary = run_suite(suite, RunOptions(reports_root=tmp_path / "r", cache_dir=tmp_path / "c", device="cpu"))
+    aggregates = pd.read_parquet(summary.run_dir / "aggregates.parquet")
+    row = aggregates[aggregates["metric"] == "clip_score"].iloc[0]
+    assert row["n_images"] == 4 and row["n_truncated"] == 2

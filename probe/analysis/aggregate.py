@@ -15,7 +15,8 @@ import pandas as pd
 from probe.analysis.stats import cluster_bootstrap, paired_delta
 
 GRID = ["probe", "model", "steps", "strength"]
-AGGREGATE_COLUMNS = [*GRID, "metric", "kind", "mean", "low", "high", "n_prompts", "n_images", "reference", "group"]
+AGGREGATE_COLUMNS = [*GRID, "metric", "kind", "mean", "low", "high", "n_prompts", "n_images", "n_truncated", "reference",
+                     "group"]
 DELTA_COLUMNS = ["probe", "metric", "model", "steps", "baseline", "baseline_steps", "strength", "mean", "low", "high",
                  "n_pairs", "n_prompts", "excludes_zero"]
 
@@ -31,7 +32,7 @@ def latest_config(scores: pd.DataFrame) -> pd.DataFrame:
 def per_image(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     """Per-image scores joined to their jobs: one row per (job, metric) with value, label and text."""
     rows = latest_config(scores)
-    rows = rows[rows["key"].notna()][["metric", "key", "value", "label", "text"]]
+    rows = rows[rows["key"].notna()][["metric", "key", "value", "label", "text", "extra"]]
     usable = jobs[jobs["image"].notna()]
     return usable.merge(rows.rename(columns={"text": "score_text"}), on="key", how="inner")
 
@@ -43,16 +44,17 @@ def aggregate(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     frame = frame[frame["value"].notna()]
     for coords, group in frame.groupby([*GRID, "metric"], dropna=False, sort=True):
         est = cluster_bootstrap(group["value"].to_numpy(), group["prompt"].to_numpy())
+        truncated = int(group["extra"].fillna("").str.contains('"truncated": true', regex=False).sum())
         records.append({**dict(zip([*GRID, "metric"], coords, strict=True)), "kind": "image", "mean": est.mean,
                         "low": est.low, "high": est.high, "n_prompts": est.n_clusters, "n_images": est.n,
-                        "reference": None, "group": None})
+                        "n_truncated": truncated, "reference": None, "group": None})
     sets = latest_config(scores)
     sets = sets[sets["key"].isna()] if not sets.empty else sets
     for row in sets.itertuples():
         records.append({"probe": row.probe, "model": row.model, "steps": row.steps, "strength": row.strength,
                         "metric": row.metric, "kind": "set", "mean": row.value, "low": row.low, "high": row.high,
-                        "n_prompts": _n_prompts(jobs, row), "n_images": row.n, "reference": row.reference,
-                        "group": row.group})
+                        "n_prompts": _n_prompts(jobs, row), "n_images": row.n, "n_truncated": None,
+                        "reference": row.reference, "group": row.group})
     out = pd.DataFrame(records, columns=AGGREGATE_COLUMNS)
     out["steps"] = out["steps"].astype("Int64")  # set rows arrive as floats; steps are counts
     return out
