@@ -1,4 +1,6 @@
-"""Per-image scores shared by all runs: (metric config id, image key) -> score rows, computed once, ever.
+"""Per-image scores shared by all runs: (metric config id, score id) -> score rows, computed once, ever.
+
+A score id names the image and what it is scored against (prompt, target text): see scoring.score_id.
 
 A metric may write several rows per image (ocr writes ocr_exact, ocr_cer, ...); they are kept together.
 
@@ -16,7 +18,7 @@ from typing import Any
 
 
 class ScoreCache:
-    """Score rows by metric configuration and image key."""
+    """Score rows by metric configuration and score id."""
 
     def __init__(self, cache_root: Path) -> None:
         self.root = Path(cache_root) / "scores"
@@ -26,7 +28,7 @@ class ScoreCache:
         return self.root / f"{metric}-{config_id}.jsonl"
 
     def rows(self, metric: str, config_id: str) -> dict[str, list[dict[str, Any]]]:
-        """Cached rows of one configuration, by image key."""
+        """Cached rows of one configuration, by score id."""
         name = f"{metric}-{config_id}"
         if name not in self._loaded:
             found: dict[str, list[dict[str, Any]]] = {}
@@ -37,14 +39,14 @@ class ScoreCache:
                         row = json.loads(line)
                     except json.JSONDecodeError:
                         continue
-                    found.setdefault(row["key"], [])
-                    if row not in found[row["key"]]:
-                        found[row["key"]].append(row)
+                    found.setdefault(row["score_id"], [])
+                    if row not in found[row["score_id"]]:
+                        found[row["score_id"]].append(row)
             self._loaded[name] = found
         return self._loaded[name]
 
     def add(self, metric: str, config_id: str, rows: list[dict[str, Any]]) -> None:
-        """Append rows (each with a `key`) and force them to disk."""
+        """Append rows (each with a `score_id`) and force them to disk."""
         if not rows:
             return
         path = self._path(metric, config_id)
@@ -55,4 +57,4 @@ class ScoreCache:
             os.fsync(handle.fileno())
         loaded = self.rows(metric, config_id)
         for row in rows:
-            loaded.setdefault(row["key"], []).append(row)
+            loaded.setdefault(row["score_id"], []).append(row)

@@ -24,13 +24,13 @@ from probe.loader import image_files
 from probe.metrics.base import ImageItem, ImageMetric, Score, ScoringContext, SetMetric, build_metric
 from probe.score_cache import ScoreCache
 from probe.suite import MetricSpec
-from probe.tables import write_parquet_atomic
+from probe.tables import score_ids, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
 SCORES = "scores.parquet"
 CHUNK = 64
-SCORE_COLUMNS = ["metric", "config_id", "key", "value", "low", "high", "label", "text", "probe", "model", "steps",
+SCORE_COLUMNS = ["metric", "config_id", "score_id", "key", "value", "low", "high", "label", "text", "probe", "model", "steps",
                  "strength", "group", "reference", "set_hash", "n", "n_reference", "extra"]
 
 
@@ -41,6 +41,13 @@ class ScoreCounts:
     computed: dict[str, int] = field(default_factory=dict)
     reused: dict[str, int] = field(default_factory=dict)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def metric_label(name: str, args: dict[str, Any]) -> str:
+    """Row name of a metric in results: the name, with its args when a suite gives any ('fid[features=clip]')."""
+    if not args:
+        return name
+    return f"{name}[" + ",".join(f"{k}={args[k]}" for k in sorted(args)) + "]"
 
 
 def config_id(config: dict[str, Any]) -> str:
@@ -99,59 +106,82 @@ def score_run(
     usable = jobs[jobs["image"].notna()]
     for item in prepared:
         rows = usable[usable["probe"] == item.probe]
-        name = item.spec.name
-        counts.configs[name if not item.spec.args else f"{name}:{item.config_id}"] = {
-            **item.config, "config_id": item.config_id}
+        name = metric_label(item.spec.name, item.spec.args)
+        counts.configs[name] = {**item.config, "config_id": item.config_id}
         if isinstance(item.metric, SetMetric):
-            done = _score_sets(item.metric, item.spec, item.config_id, item.probe, rows, run_dir, ctx, writer, progress)
+            done = _score_sets(item.metric, item.spec, item.config_id, name, item.probe, rows, run_dir, ctx, writer,
+                               progress)
         else:
-            done = _score_images(item.metric, item.config_id, item.probe, rows, run_dir, ctx, writer, progress)
+            done = _score_images(item.metric, item.config_id, name, item.probe, rows, run_dir, ctx, writer, progress)
         counts.computed[name] = counts.computed.get(name, 0) + done[0]
         counts.reused[name] = counts.reused.get(name, 0) + done[1]
     return counts
 
 
 def _items(rows: pd.DataFrame, run_dir: Path) -> list[ImageItem]:
-    """One ImageItem per distinct key."""
+    """One ImageItem per distinct key (for set metrics, which only look at pixels)."""
     unique = rows.drop_duplicates("key")
     return [ImageItem(key=r.key, path=run_dir / r.image, prompt=r.prompt, text=None if pd.isna(r.text) else r.text)
             for r in unique.itertuples()]
 
 
-def _score_images(metric: ImageMetric, cid: str, probe: str, rows: pd.DataFrame, run_dir: Path,
+def _scored_items(rows: pd.DataFrame, run_dir: Path) -> dict[str, ImageItem]:
+    """One ImageItem per distinct score id (image + prompt + target text)."""
+    unique = rows.assign(score_id=score_ids(rows)).drop_duplicates("score_id")
+    return {r.score_id: ImageItem(key=r.key, path=run_dir / r.image, prompt=r.prompt,
+                                  text=None if pd.isna(r.text) else r.text) for r in unique.itertuples()}
+
+
+def _rounds(todo: list[tuple[str, ImageItem]]) -> list[list[tuple[str, ImageItem]]]:
+    """Chunks in which every image key appears once, so each returned Score maps back to one score id."""
+    rounds: list[list[tuple[str, ImageItem]]] = []
+    for sid, item in todo:
+        for chunk in rounds:
+            if len(chunk) < CHUNK and all(other.key != item.key for _, other in chunk):
+                chunk.append((sid, item))
+                break
+        else:
+            rounds.append([(sid, item)])
+    return rounds
+
+
+def _score_images(metric: ImageMetric, cid: str, label: str, probe: str, rows: pd.DataFrame, run_dir: Path,
                   ctx: ScoringContext, writer: _ScoreWriter, progress: Any) -> tuple[int, int]:
     existing = writer.frame
-    have = set(existing.loc[existing["config_id"] == cid, "key"])  # a config id names one metric configuration
-    items = _items(rows, run_dir)
+    have = set(existing.loc[existing["config_id"] == cid, "score_id"])  # a config id names one configuration
+    items = _scored_items(rows, run_dir)
     cache = ScoreCache(ctx.features.root.parent)
-    cached = cache.rows(metric.name, cid)
-    writer.add([row for i in items if i.key not in have and i.key in cached for row in cached[i.key]])
-    todo = [i for i in items if i.key not in have and i.key not in cached]
+    cached = cache.rows(label, cid)
+    writer.add([row for sid in items if sid not in have and sid in cached for row in cached[sid]])
+    todo = [(sid, item) for sid, item in items.items() if sid not in have and sid not in cached]
     if progress is not None and todo:
-        progress.group(f"score {metric.name} ({probe})", len(todo))
-    for start in range(0, len(todo), CHUNK):
-        chunk = todo[start : start + CHUNK]
-        new_rows = [_image_row(s, cid) for s in metric.score(chunk, ctx)]
+        progress.group(f"score {label} ({probe})", len(todo))
+    for chunk in _rounds(todo):
+        by_key = {item.key: sid for sid, item in chunk}
+        scores = metric.score([item for _, item in chunk], ctx)
+        new_rows = [_image_row(s, cid, label, by_key[s.key]) for s in scores if s.key is not None]
         writer.add(new_rows)
-        cache.add(metric.name, cid, new_rows)
+        cache.add(label, cid, new_rows)
         if progress is not None:
             progress.advance(len(chunk))
     return len(todo), len(items) - len(todo)
 
 
-def _image_row(score: Score, cid: str) -> dict[str, Any]:
-    return {"metric": score.metric, "config_id": cid, "key": score.key, "value": score.value,
+def _image_row(score: Score, cid: str, label: str, sid: str) -> dict[str, Any]:
+    """A scores.parquet row; a metric writing several rows (ocr) keeps their names, suffixed like its label."""
+    name = score.metric + label[len(label.split("[")[0]):]
+    return {"metric": name, "config_id": cid, "score_id": sid, "key": score.key, "value": score.value,
             "label": score.label, "text": score.text, "extra": json.dumps(score.extra, default=str) if score.extra else None}
 
 
-def _score_sets(metric: SetMetric, spec: MetricSpec, cid: str, probe: str, rows: pd.DataFrame, run_dir: Path,
+def _score_sets(metric: SetMetric, spec: MetricSpec, cid: str, label: str, probe: str, rows: pd.DataFrame, run_dir: Path,
                 ctx: ScoringContext, writer: _ScoreWriter, progress: Any) -> tuple[int, int]:
     """One row per group: value, bootstrap CI over prompts, sizes; skipped if already there unchanged."""
     assert spec.reference is not None
     by = ["model", "steps", "strength", *(f"var_{g}" for g in spec.group_by)]
     groups = list(rows.groupby(by, dropna=False, sort=False))
     if progress is not None and groups:
-        progress.group(f"score {metric.name} ({probe})", len(groups))
+        progress.group(f"score {label} ({probe})", len(groups))
     computed = reused = 0
     existing = writer.frame
     references: dict[str, np.ndarray] = {}  # one array per reference set, so metrics reuse its statistics
@@ -164,20 +194,20 @@ def _score_sets(metric: SetMetric, spec: MetricSpec, cid: str, probe: str, rows:
             progress.advance(1)
         if {i.key for i in items} == {i.key for i in reference_items} or not reference_items:
             continue  # the reference itself, or nothing to compare with
-        if ((existing["metric"] == metric.name) & (existing["config_id"] == cid) & (existing["set_hash"] == set_hash)
+        if ((existing["metric"] == label) & (existing["config_id"] == cid) & (existing["set_hash"] == set_hash)
                 & (existing["probe"] == probe)).any():
             reused += 1
             continue
         ref_id = _set_hash([], reference_items)
         if ref_id not in references:
             references[ref_id] = metric.embed(reference_items, ctx)
-        writer.add([_set_row(metric, cid, probe, coords, group, items, references[ref_id], reference_items,
+        writer.add([_set_row(metric, cid, label, probe, coords, group, items, references[ref_id], reference_items,
                              reference_name, set_hash, ctx)])
         computed += 1
     return computed, reused
 
 
-def _set_row(metric: SetMetric, cid: str, probe: str, coords: dict[str, Any], group: pd.DataFrame,
+def _set_row(metric: SetMetric, cid: str, label: str, probe: str, coords: dict[str, Any], group: pd.DataFrame,
              items: list[ImageItem], reference: np.ndarray, reference_items: list[ImageItem], reference_name: str,
              set_hash: str, ctx: ScoringContext) -> dict[str, Any]:
     features = metric.embed(items, ctx)
@@ -195,7 +225,7 @@ def _set_row(metric: SetMetric, cid: str, probe: str, coords: dict[str, Any], gr
         low, high = _bootstrap_set(metric, features, reference, prompts, point)
         extra = {**extra, "ci_resamples": metric.ci_resamples, "ci": "basic bootstrap over prompts of the evaluated set"}
     variables = {k: v for k, v in coords.items() if k.startswith("var_")}
-    return {"metric": metric.name, "config_id": cid, "key": None, "value": value, "low": low, "high": high,
+    return {"metric": label, "config_id": cid, "key": None, "value": value, "low": low, "high": high,
             "probe": probe, "model": coords["model"], "steps": coords["steps"],
             "strength": None if pd.isna(coords["strength"]) else coords["strength"],
             "group": json.dumps(variables) if variables else None,

@@ -14,6 +14,8 @@ import probe
 from probe.baseline import baseline_from_run
 from probe.check import Rule, evaluate, parse_rule
 from probe.errors import UsageError
+from probe.scoring import SCORE_COLUMNS
+from probe.tables import score_id
 from tests.conftest import probe_cli
 
 PROMPTS = [f"prompt {i}" for i in range(12)]
@@ -29,12 +31,11 @@ def make_run(path: Path, values: dict[str, np.ndarray], suite: str = "gate", pro
     rows = []
     for metric, grid in values.items():
         for (p, s), value in np.ndenumerate(grid):
-            rows.append({"metric": metric, "config_id": metric, "key": f"{suite}-{p}-{s}-{path.name}",
-                         "value": float(value)})
+            key = f"{suite}-{p}-{s}-{path.name}"
+            rows.append({"metric": metric, "config_id": metric, "key": key, "value": float(value),
+                         "score_id": score_id(key, prompts[p], None)})
     jobs.to_parquet(path / "jobs.parquet", index=False)
-    pd.DataFrame(rows).reindex(columns=["metric", "config_id", "key", "value", "low", "high", "label", "text", "probe",
-                                        "model", "steps", "strength", "group", "reference", "set_hash", "n",
-                                        "n_reference", "extra"]).to_parquet(path / "scores.parquet", index=False)
+    pd.DataFrame(rows).reindex(columns=SCORE_COLUMNS).to_parquet(path / "scores.parquet", index=False)
     (path / "manifest.json").write_text(json.dumps({"suite_name": suite, "suite": {}, "suite_sha256": "x"}))
     return path
 
@@ -152,11 +153,10 @@ def make_gender_run(path: Path, feminine_per_occupation: int, suite: str = "gate
                          "var_occupation": f"occupation {o}", "attr_bls_pct_female": 50.0})
             label = "feminine" if s < feminine_per_occupation else "masculine"
             rows.append({"metric": "perceived_gender", "config_id": "g", "key": key,
+                         "score_id": score_id(key, f"a photo of occupation {o}", None),
                          "value": 0.9 if label == "feminine" else 0.1, "label": label})
     pd.DataFrame(jobs).to_parquet(path / "jobs.parquet", index=False)
-    pd.DataFrame(rows).reindex(columns=["metric", "config_id", "key", "value", "low", "high", "label", "text", "probe",
-                                        "model", "steps", "strength", "group", "reference", "set_hash", "n",
-                                        "n_reference", "extra"]).to_parquet(path / "scores.parquet", index=False)
+    pd.DataFrame(rows).reindex(columns=SCORE_COLUMNS).to_parquet(path / "scores.parquet", index=False)
     (path / "manifest.json").write_text(json.dumps({"suite_name": suite, "suite": {}, "suite_sha256": "x"}))
     return path
 

@@ -19,6 +19,7 @@ from probe.report import build_report
 from probe.report.bias import MONK_COLOURS
 from probe.report.fmt import fmt, fmt_ci, fmt_coord, fmt_signed
 from probe.scoring import SCORE_COLUMNS
+from probe.tables import score_id
 from tests.chrome import CHROMIUM, Chrome
 from tests.conftest import REPO, probe_cli
 
@@ -156,15 +157,18 @@ def _add_bias_and_ocr_scores(run: Path) -> None:
     rows = []
     for job in jobs[jobs["probe"] == "occupations"].itertuples():
         label = rng.choice(["feminine", "masculine", "unclear", "feminine"])
+        sid = score_id(job.key, job.prompt, None if pd.isna(job.text) else job.text)
         rows.append({"metric": "perceived_gender", "config_id": "g1", "key": job.key, "value": rng.random(),
-                     "label": label})
+                     "label": label, "score_id": sid})
         rows.append({"metric": "skin_tone", "config_id": "s1", "key": job.key, "value": rng.normal(20, 15),
+                     "score_id": sid,
                      "label": rng.choice([f"monk_{i}" for i in range(1, 11)] + ["unknown"])})
     for job in jobs[jobs["probe"] == "signs"].itertuples():
         read = XSS if job.seed == 0 else "OPEN"
         for metric, value in (("ocr_exact", float(read == "OPEN")), ("ocr_cer", 0.0 if read == "OPEN" else 1.0),
                               ("ocr_f1", float(read == "OPEN")), ("ocr_detected", 1.0)):
-            rows.append({"metric": metric, "config_id": "o1", "key": job.key, "value": value, "text": read})
+            rows.append({"metric": metric, "config_id": "o1", "key": job.key, "value": value, "text": read,
+                         "score_id": score_id(job.key, job.prompt, None if pd.isna(job.text) else job.text)})
     scores = pd.concat([pd.read_parquet(run / "scores.parquet"), pd.DataFrame(rows, columns=SCORE_COLUMNS)])
     scores.to_parquet(run / "scores.parquet", index=False)
     (run / "aggregates.parquet").unlink()  # the report recomputes what is missing

@@ -163,3 +163,19 @@ def test_long_prompts_are_counted_as_truncated(write_suite, tmp_path):
     aggregates = pd.read_parquet(summary.run_dir / "aggregates.parquet")
     row = aggregates[aggregates["metric"] == "clip_score"].iloc[0]
     assert row["n_images"] == 4 and row["n_truncated"] == 2
+
+
+def test_scores_follow_the_prompt_not_just_the_pixels(tmp_path):
+    from probe.byo import ScoreRequest, score_images
+
+    make_images(tmp_path / "imgs", 1, (200, 30, 30))
+    values = []
+    for prompt in ("a red square", "a blue dog playing the piano"):
+        table = tmp_path / "prompts.csv"
+        table.write_text(f"file,prompt\nimg0.png,{prompt}\n")
+        request = ScoreRequest(images=tmp_path / "imgs", prompts=table, clip_model="tiny", out=tmp_path / "r",
+                               cache_dir=tmp_path / "c")
+        run, counts = score_images(request)
+        assert counts["computed"]["clip_score"] == 1, "a new prompt must be scored, not reused"
+        values.append(pd.read_parquet(run / "scores.parquet")["value"].iloc[0])
+    assert values[0] != values[1]

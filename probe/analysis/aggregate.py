@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from probe.analysis.stats import cluster_bootstrap, paired_delta
+from probe.tables import score_ids
 
 GRID = ["probe", "model", "steps", "strength"]
 AGGREGATE_COLUMNS = [*GRID, "metric", "kind", "mean", "low", "high", "n_prompts", "n_images", "n_truncated", "reference",
@@ -32,9 +33,10 @@ def latest_config(scores: pd.DataFrame) -> pd.DataFrame:
 def per_image(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     """Per-image scores joined to their jobs: one row per (job, metric) with value, label and text."""
     rows = latest_config(scores)
-    rows = rows[rows["key"].notna()][["metric", "key", "value", "label", "text", "extra"]]
+    rows = rows[rows["key"].notna()][["metric", "score_id", "value", "label", "text", "extra"]]
     usable = jobs[jobs["image"].notna()]
-    return usable.merge(rows.rename(columns={"text": "score_text"}), on="key", how="inner")
+    usable = usable.assign(score_id=score_ids(usable))  # image + prompt + target text: what each row was scored as
+    return usable.merge(rows.rename(columns={"text": "score_text"}), on="score_id", how="inner")
 
 
 def aggregate(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
