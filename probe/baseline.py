@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from probe.analysis.aggregate import per_image
+from probe.analysis.aggregate import latest_config, per_image
 from probe.errors import UsageError
 from probe.store import atomic_write_bytes
 
@@ -42,7 +42,7 @@ def baseline_from_run(run_dir: Path) -> Baseline:
     run = load_run(run_dir)
     frame = per_image(run.jobs, run.scores)
     frame = frame[[*COORDINATES, "key", "metric", "value", "label"]].reset_index(drop=True)
-    scores = run.scores
+    scores = latest_config(run.scores)
     sets = scores[scores["key"].isna()] if not scores.empty else scores
     sets = sets.reindex(columns=["probe", "model", "steps", "strength", "metric", "value", "low", "high", "group"])
     manifest = run.manifest

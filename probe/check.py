@@ -12,6 +12,7 @@ bound, lies entirely beyond the tolerance; `strict` compares point estimates.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
-from probe.analysis.aggregate import per_image
+from probe.analysis.aggregate import latest_config, per_image
 from probe.analysis.stats import cluster_bootstrap
 from probe.baseline import COORDINATES, Baseline
 from probe.check_bias import BIAS_GAPS, bias_outcomes
@@ -123,7 +124,7 @@ def evaluate(run: Run, baseline: Baseline | None, rules: list[Rule]) -> Verdict:
     if baseline is not None and baseline.suite_name != run.manifest["suite_name"]:
         raise UsageError(f"baseline is for suite {baseline.suite_name!r}, the run for {run.manifest['suite_name']!r}")
     images = per_image(run.jobs, run.scores)
-    scores = run.scores
+    scores = latest_config(run.scores)
     sets = scores[scores["key"].isna()] if not scores.empty else scores
     verdict = Verdict(rules=rules)
     for rule in rules:
@@ -198,35 +199,52 @@ def _sign(rule: Rule) -> float:
 
 
 def _set_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | None) -> list[Outcome]:
+    """One outcome per set row (probe x model x steps x strength x group), matched to the same baseline row."""
     kind, _ = rule.bound
     outcomes = []
-    for group, rows in _groups(mine):
-        row = rows.iloc[0]
+    for _, row in mine.iterrows():
+        group = {k: (None if pd.isna(row[k]) else row[k]) for k in SCOPE}
+        group["steps"] = None if group["steps"] is None else int(group["steps"])
+        if isinstance(row.get("group"), str) and row["group"]:
+            group.update(json.loads(row["group"]))
         low = None if pd.isna(row["low"]) else float(row["low"])
         high = None if pd.isna(row["high"]) else float(row["high"])
+        value = float("nan") if pd.isna(row["value"]) else float(row["value"])
         if kind in ("min", "max"):
-            outcomes.append(_decide(rule, group, float(row["value"]), low, high, 1, None))
+            outcomes.append(_decide(rule, group, value, low, high, 1, None))
             continue
         assert baseline is not None
-        theirs = _in_scope(baseline.sets, rule)
-        match = theirs[(theirs["model"] == group["model"]) & (theirs["probe"] == group["probe"])
-                       & (theirs["steps"] == group["steps"])]
+        match = _same_set(baseline.sets, row)
         if match.empty:
             continue
         base = float(match["value"].iloc[0])
         sign = _sign(rule)
         bounds = sorted(sign * (b - base) for b in (low, high) if b is not None)
-        outcomes.append(_decide(rule, group, sign * (float(row["value"]) - base), bounds[0] if bounds else None,
+        outcomes.append(_decide(rule, group, sign * (value - base), bounds[0] if bounds else None,
                                 bounds[-1] if bounds else None, 1, base))
     if not outcomes:
         raise UsageError(f"rule {rule.name}: no matching set-metric groups between the run and the baseline")
     return outcomes
 
 
+def _same_set(sets: pd.DataFrame, row: pd.Series) -> pd.DataFrame:
+    """Baseline rows with the same metric, probe, model, steps, strength and group (missing equals missing)."""
+    mask = pd.Series(True, index=sets.index)
+    for column in ("metric", "probe", "model", "steps", "strength", "group"):
+        value = row.get(column)
+        empty = value is None or (not isinstance(value, str) and pd.isna(value)) or value == ""
+        column_empty = sets[column].isna() | (sets[column] == "")
+        mask &= column_empty if empty else (sets[column] == value)
+    return sets[mask]
+
+
 def _decide(rule: Rule, group: dict[str, Any], estimate: float, low: float | None, high: float | None, n: int,
             base: float | None) -> Outcome:
     """Pass or fail one group; in significant mode the whole CI must lie beyond the tolerance to fail."""
     kind, tol = rule.bound
+    if estimate is None or math.isnan(estimate):  # nothing to judge (e.g. a set too small): never a silent pass
+        return Outcome(rule=rule.name, group=group, passed=False, estimate=float("nan"), low=None, high=None,
+                       threshold=tol, n=n, detail="no value to check (metric missing for this group)", baseline=base)
     has_ci = low is not None and high is not None and not (math.isnan(low) or math.isnan(high))
     significant = rule.mode == "significant" and has_ci
     if kind == "min":

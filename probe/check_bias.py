@@ -39,7 +39,7 @@ def gap_table(images: pd.DataFrame, metric: str) -> pd.DataFrame:
     reference = BLS_REFERENCE[0] if BLS_REFERENCE[0] in rows.columns else None
     shares = label_shares(rows, "perceived_gender", reference_column=reference, reference_scale=BLS_REFERENCE[1])
     column = BIAS_GAPS[metric]
-    if column not in shares.columns:
+    if column not in shares.columns or (column == "reference_distance" and not shares[column].notna().any()):
         raise UsageError(f"rule on {metric}: needs a reference share column ({BLS_REFERENCE[0]}) in the suite's attrs")
     groups = [c for c in shares.columns if c in SCOPE or c.startswith("var_")]
     return shares[[*groups, column]].rename(columns={column: "gap"})

@@ -173,3 +173,30 @@ def test_bias_gap_that_widens_fails(tmp_path):
     parity = evaluate(wider, None, [Rule("parity_gap", max=0.1)])
     assert not parity.passed and parity.outcomes[0].estimate == pytest.approx(0.3)
     assert evaluate(same, None, [Rule("parity_gap", max=0.1)]).passed
+
+
+def add_set_rows(run: Path, values: dict[str, float | None]) -> None:
+    """cmmd rows for groups var_occupation=<name> of probe p, model m, steps 1."""
+    scores = pd.read_parquet(run / "scores.parquet")
+    rows = [{"metric": "cmmd", "config_id": "c", "probe": "p", "model": "m", "steps": 1.0, "value": v,
+             "low": None if v is None else v - 0.01, "high": None if v is None else v + 0.01,
+             "group": json.dumps({"var_occupation": name}), "n": 6} for name, v in values.items()]
+    pd.concat([scores, pd.DataFrame(rows, columns=SCORE_COLUMNS)]).to_parquet(run / "scores.parquet", index=False)
+
+
+def test_set_metric_rules_check_every_group_against_the_same_group(tmp_path, base_values):
+    run = make_run(tmp_path / "run", {"clip_score": base_values})
+    base = make_run(tmp_path / "base", {"clip_score": base_values})
+    add_set_rows(run, {"nurse": 0.10, "pilot": 0.50})
+    add_set_rows(base, {"nurse": 0.10, "pilot": 0.10})
+    result = evaluate(probe.load_run(run), baseline_from_run(base), [Rule("cmmd", max_increase=0.05)])
+    by_group = {o.group["var_occupation"]: o for o in result.outcomes}
+    assert by_group["nurse"].passed and not by_group["pilot"].passed
+    assert by_group["pilot"].estimate == pytest.approx(0.4)
+
+
+def test_a_missing_value_fails_instead_of_passing(tmp_path, base_values):
+    run = make_run(tmp_path / "run", {"clip_score": base_values})
+    add_set_rows(run, {"nurse": None})
+    result = evaluate(probe.load_run(run), None, [Rule("cmmd", max=0.1)])
+    assert not result.passed and "no value" in result.outcomes[0].detail
