@@ -68,7 +68,8 @@ def read_prompt_table(path: Path) -> list[dict[str, str]]:
 
 
 def _check_request(request: ScoreRequest, rows: list[dict[str, str]]) -> list[MetricSpec]:
-    """Every file exists, every metric is known, set metrics have a reference: before any work."""
+    """Every row is complete and readable, every metric known, set metrics have a reference: before any work."""
+    _check_rows(request, rows)
     missing = [(n, r["file"]) for n, r in enumerate(rows, start=2) if not (request.images / r["file"]).is_file()]
     if missing:
         listed = ", ".join(f"row {n}: {f}" for n, f in missing[:5])
@@ -87,6 +88,26 @@ def _check_request(request: ScoreRequest, rows: list[dict[str, str]]) -> list[Me
         else:
             specs.append(MetricSpec(name=name, args=args))
     return specs
+
+
+def _check_rows(request: ScoreRequest, rows: list[dict[str, str]]) -> None:
+    """Required columns present, seed/steps integers, images decodable; errors name the row."""
+    from PIL import Image, UnidentifiedImageError
+
+    for number, row in enumerate(rows, start=2):
+        where = f"{request.prompts}: row {number}"
+        if not row.get("file") or not row.get("prompt"):
+            raise UsageError(f"{where}: needs `file` and `prompt`")
+        for column in ("seed", "steps"):
+            if row.get(column) and not row[column].strip().isdigit():
+                raise UsageError(f"{where}: {column} {row[column]!r} is not a whole number")
+        source = request.images / row["file"]
+        if source.is_file():
+            try:
+                with Image.open(source) as image:
+                    image.verify()
+            except (UnidentifiedImageError, OSError) as exc:
+                raise UsageError(f"{where}: {row['file']} is not a readable image ({exc})") from None
 
 
 def parse_metric_option(text: str) -> tuple[str, dict[str, Any]]:

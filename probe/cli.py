@@ -38,7 +38,7 @@ err = Console(stderr=True)
 
 
 def _fail(exc: ProbeError) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 

@@ -10,6 +10,7 @@ import csv
 import glob
 import hashlib
 import itertools
+import os
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,7 +315,8 @@ def _match_init_images(probe: Probe, base: Path, where: FieldPath, issues: list[
         for match in matches:
             absolute = Path(match)
             digest = hashlib.sha256(absolute.read_bytes()).hexdigest()
-            found.append(InitImage(path=absolute.relative_to(base).as_posix(), absolute=absolute, sha256=digest))
+            shown = Path(os.path.relpath(absolute, base)).as_posix() if absolute.is_relative_to(base) else str(absolute)
+            found.append(InitImage(path=shown, absolute=absolute, sha256=digest))
     return found
 
 

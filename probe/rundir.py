@@ -101,7 +101,7 @@ class RunDir:
         frame = pd.DataFrame(rows)
         for column in frame.columns:
             if column.startswith("attr_") and frame[column].map(type).nunique() > 1:
-                frame[column] = frame[column].map(lambda v: None if v is None else str(v))
+                frame[column] = frame[column].map(lambda v: None if pd.isna(v) else str(v))
         write_parquet_atomic(frame, self.path / JOBS)
 
     def update_latest(self) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from probe.errors import UsageError
 from probe.loader import LoadedSuite, load_suite
 from probe.manifest import build_manifest, finish_manifest
 from probe.metrics.catalog import DEFAULT_CLIP_MODEL
@@ -69,12 +70,18 @@ class RunSummary:
 
 
 def resolve_device(device: str | None) -> str:
-    """The requested device, or CUDA when available, else CPU."""
-    if device:
-        return device
+    """The requested device (checked to exist), or CUDA when available, else CPU."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":", 1)[0]
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if kind not in available:
+        raise UsageError(f"--device {device!r}: use cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        raise UsageError(f"--device {device!r}: no {kind} device is available here (torch {torch.__version__})")
+    return device
 
 
 def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | None = None) -> RunSummary:

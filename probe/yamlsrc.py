@@ -27,8 +27,14 @@ class YamlProblem(Exception):
 
 def load_yaml(path: Path) -> tuple[Any, dict[FieldPath, int]]:
     """Read a YAML file with the safe loader; return the data and a map field path -> 1-based line."""
-    text = path.read_text(encoding="utf-8")
-    loader = yaml.SafeLoader(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise YamlProblem(f"not UTF-8 text ({exc.reason} at byte {exc.start})", None) from None
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:  # the reader rejects control characters up front, with a position
+        raise _reader_problem(exc, text) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -44,9 +50,21 @@ def load_yaml(path: Path) -> tuple[Any, dict[FieldPath, int]]:
             tag = problem.split("tag ")[-1].replace("tag:yaml.org,2002:", "!!")
             problem = f"YAML tag {tag} is not allowed (suites are plain data, no code)"
         raise YamlProblem(problem, line) from None
+    except yaml.YAMLError as exc:  # reader errors carry a position but no mark
+        raise _reader_problem(exc, text) from None
     finally:
         loader.dispose()
     return data, lines
+
+
+def _reader_problem(exc: yaml.YAMLError, text: str) -> YamlProblem:
+    position = getattr(exc, "position", None)
+    line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
+    reason = getattr(exc, "reason", None) or str(exc).splitlines()[0]
+    character = getattr(exc, "character", None)
+    code = ord(character) if isinstance(character, str) else character
+    shown = f"character U+{code:04X}: " if isinstance(code, int) else ""
+    return YamlProblem(f"{shown}{reason}", line)
 
 
 def _record_lines(node: yaml.Node, path: FieldPath, lines: dict[FieldPath, int]) -> None:

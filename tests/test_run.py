@@ -176,3 +176,29 @@ def test_bias_suite_runs_on_tiny_with_all_four_metrics(tmp_path):
     for metric in ("faces", "perceived_gender", "skin_tone", "clip_score"):
         assert per_metric[metric] == jobs["key"].nunique()
     assert set(jobs["probe"]) == {"occupations", "descriptors"}
+
+
+def test_unavailable_device_is_a_usage_error(write_suite, tmp_path):
+    suite = write_suite(KILL_SUITE.replace("seeds: 24", "seeds: 1"))
+    proc = probe_cli("run", str(suite), "--device", "cuda", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "no cuda device is available" in proc.stderr and "Traceback" not in proc.stderr
+    proc = probe_cli("run", str(suite), "--device", "gpu", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "use cpu, cuda" in proc.stderr
+
+
+def test_missing_attrs_stay_missing_in_jobs(write_suite, tmp_path):
+    from probe.runner import RunOptions, run_suite
+
+    suite = write_suite("""
+        name: attrs
+        models: [tiny]
+        seeds: 1
+        probes:
+          - {name: a, prompts: [{prompt: x, attrs: {share: 0.5}}], steps: [1]}
+          - {name: b, prompts: [{prompt: y, attrs: {share: high}}], steps: [1]}
+          - {name: c, prompts: [z], steps: [1]}
+    """)
+    summary = run_suite(suite, RunOptions(reports_root=tmp_path / "r", cache_dir=tmp_path / "c", device="cpu"))
+    jobs = pd.read_parquet(summary.run_dir / "jobs.parquet").set_index("probe")
+    assert jobs.loc["a", "attr_share"] == "0.5" and jobs.loc["b", "attr_share"] == "high"
+    assert pd.isna(jobs.loc["c", "attr_share"])

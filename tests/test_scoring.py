@@ -179,3 +179,17 @@ def test_scores_follow_the_prompt_not_just_the_pixels(tmp_path):
         assert counts["computed"]["clip_score"] == 1, "a new prompt must be scored, not reused"
         values.append(pd.read_parquet(run / "scores.parquet")["value"].iloc[0])
     assert values[0] != values[1]
+
+
+def test_probe_score_names_the_bad_row(tmp_path):
+    make_images(tmp_path / "imgs", 1, (0, 0, 0))
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
+    table = tmp_path / "prompts.csv"
+    table.write_text("file,prompt,seed\nimg0.png,x,abc\n")
+    proc = probe_cli("score", str(tmp_path / "imgs"), "--prompts", str(table), "--clip-model", "tiny",
+                     "--out", str(tmp_path / "reports"))
+    assert proc.returncode == 2 and "row 2: seed 'abc' is not a whole number" in proc.stderr
+    table.write_text("file,prompt\nimg0.png,x\nbroken.png,y\n")
+    proc = probe_cli("score", str(tmp_path / "imgs"), "--prompts", str(table), "--clip-model", "tiny",
+                     "--out", str(tmp_path / "reports"))
+    assert proc.returncode == 2 and "row 3: broken.png is not a readable image" in proc.stderr

@@ -266,3 +266,27 @@ def test_dataset_not_downloaded_says_how_to_get_it(write_suite, monkeypatch, tmp
     line, field, message = only_problem(path)
     assert (line, field) == (5, "probes[0].prompts.dataset")
     assert "probe data pull partiprompts" in message
+
+
+def test_control_characters_and_non_utf8_are_clear_errors(tmp_path):
+    bad = tmp_path / "ctrl.yaml"
+    bad.write_text("name: ok\nmodels: [tiny]\nprobes:\n  - {name: p, prompts: ['a \x07 bell']}\n")
+    line, _, message = only_problem(bad)
+    assert line == 4 and "U+0007" in message and "special characters are not allowed" in message
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert "not UTF-8" in only_problem(latin)[2]
+
+
+def test_absolute_init_image_glob(write_suite, tmp_path):
+    folder = tmp_path.parent / f"{tmp_path.name}-elsewhere"  # outside the suite's folder
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"a")
+    path = write_suite(f"""
+        name: ok
+        models: [tiny]
+        probes:
+          - {{name: p, prompts: [x], init_images: ["{folder}/*.png"], steps: [4], strength: [0.5]}}
+    """)
+    loaded = load_suite(path)
+    assert [i.path for i in loaded.init_images["p"]] == [str(folder / "a.png")]
