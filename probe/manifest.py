@@ -55,7 +55,7 @@ def build_manifest(
     """The manifest written when a run starts (status 'running')."""
     suite_data = loaded.suite.model_dump(mode="json")
     suite_sha = hashlib.sha256(json.dumps(suite_data, sort_keys=True).encode()).hexdigest()
-    presets = {m.label: resolve_model(m, options.model_override).as_record() for m in loaded.suite.models}
+    presets = {m.label: resolve_model(m, options.model_override, loaded.base_dir).as_record() for m in loaded.suite.models}
     return RunManifest(
         probe_version=metadata.version("probe") if _installed("probe") else "unknown",
         suite_name=loaded.suite.name,

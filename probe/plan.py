@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from probe.errors import UsageError, suggest
 from probe.loader import InitImage, LoadedSuite
+from probe.models.fingerprint import pin
 from probe.models.registry import PRESETS, TINY_ID, Preset
 from probe.records import Job
 from probe.suite import ModelEntry
@@ -53,8 +55,12 @@ def dtype_for(device: str) -> str:
     return "float16" if device_class(device) == "cuda" else "float32"
 
 
-def resolve_model(entry: ModelEntry, override: str | None = None) -> ResolvedModel:
-    """Apply the preset, the entry's id/revision overrides, and a --model override (which wins)."""
+def resolve_model(entry: ModelEntry, override: str | None = None, base: Path = Path(".")) -> ResolvedModel:
+    """Apply the preset, the entry's id/revision overrides, and a --model override (which wins).
+
+    Local folders (relative to `base`, the suite's folder) and unpinned hub ids are pinned to what they hold
+    now (see probe.models.fingerprint), so a Job key changes when the weights do.
+    """
     if override is not None:
         if override not in PRESETS:
             raise UsageError(f"--model: unknown preset {override!r}{suggest(override, PRESETS)}")
@@ -70,6 +76,9 @@ def resolve_model(entry: ModelEntry, override: str | None = None) -> ResolvedMod
     lora_revision = entry.lora_revision if entry.lora_revision is not None else (
         preset.lora_revision if lora_id == preset.lora_id else None
     )
+    pinned_id, revision = pin(model_id, revision, base, "model_index.json")
+    model_id = pinned_id or model_id
+    lora_id, lora_revision = pin(lora_id, lora_revision, base, "pytorch_lora_weights.safetensors")
     return ResolvedModel(
         label=entry.label, preset=preset, model_id=model_id, revision=revision,
         lora_id=lora_id, lora_revision=lora_revision, scheduler=preset.scheduler or "repo-default",
@@ -87,7 +96,7 @@ def plan_jobs(
         inits: list[InitImage | None] = list(loaded.init_images[probe.name]) or [None]
         seeds = probe.seeds or suite.seeds
         for entry in suite.models:
-            model = resolve_model(entry, model_override)
+            model = resolve_model(entry, model_override, loaded.base_dir)
             original = PRESETS[entry.preset]
             steps_grid = entry.steps or probe.steps or list(original.steps)
             guidance = _first(entry.guidance, probe.guidance, original.guidance)

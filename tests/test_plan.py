@@ -147,3 +147,44 @@ def test_tiny_preset_revision_tracks_the_tiny_model():
     from probe.models.tiny import TINY_REVISION
 
     assert PRESETS["tiny"].revision == TINY_REVISION
+
+
+def test_local_model_folder_is_fingerprinted(write_suite, tmp_path):
+    import os
+
+    folder = tmp_path / "ft"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"v1")
+    path = write_suite("""
+        name: local
+        models: [{preset: sd-turbo, model_id: ./ft}]
+        seeds: 1
+        probes: [{name: p, prompts: [x], steps: [1]}]
+    """)
+    first = plan_jobs(load_suite(path))[0]
+    assert first.model_id == str(folder) and first.revision.startswith("local-")
+    weights.write_bytes(b"v2 retrained")
+    os.utime(weights, ns=(1, 1))
+    assert plan_jobs(load_suite(path))[0].key != first.key
+
+
+def test_unpinned_hub_id_is_pinned_to_the_cached_snapshot(write_suite, tmp_path, monkeypatch):
+    commit = "a" * 40
+    snapshot = tmp_path / "hf" / "hub" / "models--org--model" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (tmp_path / "hf" / "hub" / "models--org--model" / "refs").mkdir()
+    (tmp_path / "hf" / "hub" / "models--org--model" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    path = write_suite("""
+        name: hub
+        models: [{preset: sd-turbo, model_id: org/model}]
+        seeds: 1
+        probes: [{name: p, prompts: [x], steps: [1]}]
+    """)
+    assert plan_jobs(load_suite(path))[0].revision == commit
