@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
+from pydantic import ValidationError
 
 from probe.analysis.aggregate import latest_config, per_image
 from probe.analysis.stats import cluster_bootstrap
@@ -26,42 +27,17 @@ from probe.baseline import COORDINATES, Baseline
 from probe.check_bias import BIAS_GAPS, bias_outcomes
 from probe.errors import UsageError, suggest
 from probe.metrics.catalog import direction_of
+from probe.suite import Check
 
 if TYPE_CHECKING:
     from probe.api import Run
-    from probe.suite import Check
 
 Mode = Literal["strict", "significant"]
 SCOPE = ["probe", "model", "steps", "strength"]
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One gate; exactly one of min, max, max_drop, max_increase is set."""
-
-    metric: str
-    probe: str | None = None
-    model: str | None = None
-    steps: int | None = None
-    min: float | None = None
-    max: float | None = None
-    max_drop: float | None = None
-    max_increase: float | None = None
-    mode: Mode = "significant"
-
-    @property
-    def bound(self) -> tuple[str, float]:
-        for kind in ("min", "max", "max_drop", "max_increase"):
-            value = getattr(self, kind)
-            if value is not None:
-                return kind, float(value)
-        raise UsageError(f"rule for {self.metric}: give one of min, max, max_drop or max_increase")
-
-    @property
-    def name(self) -> str:
-        scope = ",".join(f"{k}={v}" for k in ("probe", "model", "steps") if (v := getattr(self, k)) is not None)
-        kind, value = self.bound
-        return f"{self.metric}[{scope or 'all'}] {kind} {value:g} ({self.mode})"
+#: A gate is the suite's `Check` record (one schema for `checks:` and `--rule`).
+Rule = Check
 
 
 @dataclass
@@ -92,29 +68,33 @@ class Verdict:
         return all(o.passed for o in self.outcomes)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"verdict": "pass" if self.passed else "fail", "rules": [asdict(r) | {"name": r.name} for r in self.rules],
+        return {"verdict": "pass" if self.passed else "fail",
+                "rules": [r.model_dump() | {"name": r.title} for r in self.rules],
                 "outcomes": [asdict(o) for o in self.outcomes]}
 
 
 def parse_rule(text: str) -> Rule:
-    """'clip_score:probe=occupations,max_drop=0.5,mode=strict' -> Rule."""
+    """'clip_score:probe=occupations,max_drop=0.5,mode=strict' -> Rule (validated like a suite's checks)."""
     metric, _, rest = text.partition(":")
     fields: dict[str, Any] = {"metric": metric.strip()}
     for part in filter(None, (p.strip() for p in rest.split(","))):
         key, sep, value = part.partition("=")
-        if not sep or key not in Rule.__dataclass_fields__ or key == "metric":
-            raise UsageError(f"--rule {text!r}: bad part {part!r}{suggest(key, Rule.__dataclass_fields__)}")
-        fields[key] = value if key in ("probe", "model", "mode") else (int(value) if key == "steps" else float(value))
-    rule = Rule(**fields)
-    rule.bound  # noqa: B018 - validates that exactly one bound is given
-    if rule.mode not in ("strict", "significant"):
-        raise UsageError(f"--rule {text!r}: mode must be strict or significant")
-    return rule
+        if not sep:
+            raise UsageError(f"--rule {text!r}: bad part {part!r} (expected key=value)")
+        fields[key.strip()] = value.strip()
+    try:
+        return Rule.model_validate(fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        hint = suggest(where, Rule.model_fields) if error["type"] == "extra_forbidden" else ""
+        message = error["msg"].removeprefix("Value error, ")
+        raise UsageError(f"--rule {text!r}: {where + ': ' if where else ''}{message}{hint}") from None
 
 
 def rules_from_checks(checks: Iterable[Check]) -> list[Rule]:
     """The suite's `checks:` as rules."""
-    return [Rule(**c.model_dump()) for c in checks]
+    return list(checks)
 
 
 def evaluate(run: Run, baseline: Baseline | None, rules: list[Rule]) -> Verdict:
@@ -150,10 +130,10 @@ def _evaluate_rule(rule: Rule, images: pd.DataFrame, sets: pd.DataFrame, baselin
     mine_sets = _in_scope(sets, rule) if not sets.empty else sets
     if mine.empty and mine_sets.empty:
         known = sorted(set(images["metric"]) | set(sets["metric"] if not sets.empty else []))
-        raise UsageError(f"rule {rule.name}: the run has no {rule.metric!r} scores in that scope"
+        raise UsageError(f"rule {rule.title}: the run has no {rule.metric!r} scores in that scope"
                          f"{suggest(rule.metric, known)}")
     if kind in ("max_drop", "max_increase") and baseline is None:
-        raise UsageError(f"rule {rule.name} compares with a baseline: pass --baseline FILE_OR_RUN_DIR")
+        raise UsageError(f"rule {rule.title} compares with a baseline: pass --baseline FILE_OR_RUN_DIR")
     if not mine.empty:
         return _per_image_outcomes(rule, mine, baseline)
     return _set_outcomes(rule, mine_sets, baseline)
@@ -180,7 +160,7 @@ def _per_image_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | Non
     pairs = mine.merge(theirs[[*COORDINATES, "metric", "value"]], on=[*COORDINATES, "metric"], suffixes=("", "_base"))
     pairs = pairs[pairs["value"].notna() & pairs["value_base"].notna()]
     if pairs.empty:
-        raise UsageError(f"rule {rule.name}: no image pairs between the run and the baseline "
+        raise UsageError(f"rule {rule.title}: no image pairs between the run and the baseline "
                          "(same probe, model, prompt, seed, steps, strength)")
     sign = _sign(rule)
     for group, rows in _groups(pairs):
@@ -223,7 +203,7 @@ def _set_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | None) -> 
         outcomes.append(_decide(rule, group, sign * (value - base), bounds[0] if bounds else None,
                                 bounds[-1] if bounds else None, 1, base))
     if not outcomes:
-        raise UsageError(f"rule {rule.name}: no matching set-metric groups between the run and the baseline")
+        raise UsageError(f"rule {rule.title}: no matching set-metric groups between the run and the baseline")
     return outcomes
 
 
@@ -243,7 +223,7 @@ def _decide(rule: Rule, group: dict[str, Any], estimate: float, low: float | Non
     """Pass or fail one group; in significant mode the whole CI must lie beyond the tolerance to fail."""
     kind, tol = rule.bound
     if estimate is None or math.isnan(estimate):  # nothing to judge (e.g. a set too small): never a silent pass
-        return Outcome(rule=rule.name, group=group, passed=False, estimate=float("nan"), low=None, high=None,
+        return Outcome(rule=rule.title, group=group, passed=False, estimate=float("nan"), low=None, high=None,
                        threshold=tol, n=n, detail="no value to check (metric missing for this group)", baseline=base)
     has_ci = low is not None and high is not None and not (math.isnan(low) or math.isnan(high))
     significant = rule.mode == "significant" and has_ci
@@ -255,6 +235,6 @@ def _decide(rule: Rule, group: dict[str, Any], estimate: float, low: float | Non
     ci = f" [{low:.4g}, {high:.4g}]" if has_ci else ""
     mode = "CI" if significant else "point estimate"
     detail = f"{what} {estimate:.4g}{ci} vs {kind} {tol:g} ({mode}, n={n})"
-    return Outcome(rule=rule.name, group=group, passed=not failed, estimate=float(estimate),
+    return Outcome(rule=rule.title, group=group, passed=not failed, estimate=float(estimate),
                    low=None if not has_ci else float(low), high=None if not has_ci else float(high),  # type: ignore[arg-type]
                    threshold=tol, n=n, detail=detail, baseline=base)

@@ -60,12 +60,12 @@ def bias_outcomes(rule: Rule, images: pd.DataFrame, jobs: pd.DataFrame, baseline
     if kind in ("min", "max"):
         return [_outcome(rule, group, rows["gap"], decide, None) for group, rows in _groups(mine)]
     if baseline is None:
-        raise UsageError(f"rule {rule.name} compares with a baseline: pass --baseline FILE_OR_RUN_DIR")
+        raise UsageError(f"rule {rule.title} compares with a baseline: pass --baseline FILE_OR_RUN_DIR")
     theirs = gap_table(_baseline_images(baseline, jobs), rule.metric)
     keys = [c for c in mine.columns if c != "gap"]
     paired = mine.merge(theirs, on=keys, suffixes=("", "_base")).dropna(subset=["gap", "gap_base"])
     if paired.empty:
-        raise UsageError(f"rule {rule.name}: no groups with labelled faces in both the run and the baseline")
+        raise UsageError(f"rule {rule.title}: no groups with labelled faces in both the run and the baseline")
     sign = -1.0 if kind == "max_drop" and rule.metric == "feminine_share" else 1.0
     return [_outcome(rule, group, sign * (rows["gap"] - rows["gap_base"]), decide, float(rows["gap_base"].mean()))
             for group, rows in _groups(paired)]
@@ -77,7 +77,7 @@ def _scoped(frame: pd.DataFrame, rule: Rule) -> pd.DataFrame:
         if value is not None:
             frame = frame[frame[column] == value]
     if frame.empty:
-        raise UsageError(f"rule {rule.name}: no groups in that scope")
+        raise UsageError(f"rule {rule.title}: no groups in that scope")
     return frame
 
 

@@ -210,6 +210,26 @@ class Check(StrictModel):
     max_increase: float | None = None
     mode: Literal["strict", "significant"] = "significant"
 
+    @model_validator(mode="after")
+    def _one_bound(self) -> Check:
+        given = [k for k in ("min", "max", "max_drop", "max_increase") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of min, max, max_drop or max_increase")
+        return self
+
+    @property
+    def bound(self) -> tuple[str, float]:
+        """(kind, tolerance) of the one bound this check sets."""
+        kind = next(k for k in ("min", "max", "max_drop", "max_increase") if getattr(self, k) is not None)
+        return kind, float(getattr(self, kind))
+
+    @property
+    def title(self) -> str:
+        """E.g. 'clip_score[probe=quality] max_drop 0.5 (significant)'."""
+        scope = ",".join(f"{k}={v}" for k in ("probe", "model", "steps") if (v := getattr(self, k)) is not None)
+        kind, value = self.bound
+        return f"{self.metric}[{scope or 'all'}] {kind} {value:g} ({self.mode})"
+
 
 def _seed_list(value: Any) -> Any:
     """`16` -> [0..15]; seeds must be distinct non-negative integers."""

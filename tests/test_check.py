@@ -53,13 +53,13 @@ def verdict(tmp_path, base, new, rule: Rule):
 
 def test_identical_runs_pass_in_both_modes(tmp_path, base_values):
     for mode in ("strict", "significant"):
-        result = verdict(tmp_path / mode, base_values, base_values, Rule("clip_score", max_drop=0.5, mode=mode))
+        result = verdict(tmp_path / mode, base_values, base_values, Rule(metric="clip_score", max_drop=0.5, mode=mode))
         assert result.passed and result.outcomes[0].estimate == 0.0
 
 
 def test_large_drop_fails_in_both_modes(tmp_path, base_values):
     for mode in ("strict", "significant"):
-        result = verdict(tmp_path / mode, base_values, base_values - 2.0, Rule("clip_score", max_drop=0.5, mode=mode))
+        result = verdict(tmp_path / mode, base_values, base_values - 2.0, Rule(metric="clip_score", max_drop=0.5, mode=mode))
         assert not result.passed
         assert result.outcomes[0].estimate == pytest.approx(2.0)
 
@@ -67,8 +67,8 @@ def test_large_drop_fails_in_both_modes(tmp_path, base_values):
 def test_drop_within_noise_passes_significant_but_fails_strict(tmp_path, base_values):
     noise = np.random.default_rng(1).normal(0.0, 3.0, size=base_values.shape)
     new = base_values - 0.6 + noise - noise.mean()  # mean drop exactly 0.6, but very noisy
-    strict = verdict(tmp_path / "s", base_values, new, Rule("clip_score", max_drop=0.5, mode="strict"))
-    significant = verdict(tmp_path / "g", base_values, new, Rule("clip_score", max_drop=0.5))
+    strict = verdict(tmp_path / "s", base_values, new, Rule(metric="clip_score", max_drop=0.5, mode="strict"))
+    significant = verdict(tmp_path / "g", base_values, new, Rule(metric="clip_score", max_drop=0.5))
     assert strict.outcomes[0].estimate == pytest.approx(0.6)
     assert not strict.passed
     assert significant.passed and significant.outcomes[0].low < 0.5 < significant.outcomes[0].high
@@ -78,16 +78,16 @@ def test_widening_bias_gap_fails(tmp_path):
     gap = np.full((len(PROMPTS), len(SEEDS)), 0.10)
     run = probe.load_run(make_run(tmp_path / "run", {"gender_gap": gap + 0.2}))
     baseline = baseline_from_run(make_run(tmp_path / "base", {"gender_gap": gap}))
-    result = evaluate(run, baseline, [Rule("gender_gap", max_increase=0.05)])
+    result = evaluate(run, baseline, [Rule(metric="gender_gap", max_increase=0.05)])
     assert not result.passed and result.outcomes[0].estimate == pytest.approx(0.2)
-    assert evaluate(run, baseline, [Rule("gender_gap", max_increase=0.5)]).passed
+    assert evaluate(run, baseline, [Rule(metric="gender_gap", max_increase=0.5)]).passed
 
 
 def test_absolute_bounds(tmp_path, base_values):
     run = probe.load_run(make_run(tmp_path / "run", {"clip_score": base_values}))
-    assert evaluate(run, None, [Rule("clip_score", min=25.0)]).passed
-    assert not evaluate(run, None, [Rule("clip_score", min=35.0)]).passed
-    assert not evaluate(run, None, [Rule("clip_score", max=25.0)]).passed
+    assert evaluate(run, None, [Rule(metric="clip_score", min=25.0)]).passed
+    assert not evaluate(run, None, [Rule(metric="clip_score", min=35.0)]).passed
+    assert not evaluate(run, None, [Rule(metric="clip_score", max=25.0)]).passed
 
 
 def test_misuse_is_a_usage_error(tmp_path, base_values):
@@ -96,13 +96,13 @@ def test_misuse_is_a_usage_error(tmp_path, base_values):
     disjoint = baseline_from_run(make_run(tmp_path / "b2", {"clip_score": base_values},
                                           prompts=[f"else {i}" for i in range(12)]))
     with pytest.raises(UsageError, match="did you mean 'clip_score'"):
-        evaluate(run, None, [Rule("clip_scor", min=1)])
+        evaluate(run, None, [Rule(metric="clip_scor", min=1)])
     with pytest.raises(UsageError, match="suite 'other'"):
-        evaluate(run, other_suite, [Rule("clip_score", max_drop=1)])
+        evaluate(run, other_suite, [Rule(metric="clip_score", max_drop=1)])
     with pytest.raises(UsageError, match="no image pairs"):
-        evaluate(run, disjoint, [Rule("clip_score", max_drop=1)])
+        evaluate(run, disjoint, [Rule(metric="clip_score", max_drop=1)])
     with pytest.raises(UsageError, match="needs|compares with a baseline"):
-        evaluate(run, None, [Rule("clip_score", max_drop=1)])
+        evaluate(run, None, [Rule(metric="clip_score", max_drop=1)])
     with pytest.raises(UsageError):
         parse_rule("clip_score:max_dorp=1")
 
@@ -165,14 +165,14 @@ def test_bias_gap_that_widens_fails(tmp_path):
     baseline = baseline_from_run(make_gender_run(tmp_path / "base", feminine_per_occupation=5))  # share 0.5 = BLS
     wider = probe.load_run(make_gender_run(tmp_path / "wider", feminine_per_occupation=8))  # share 0.8: gap 0.3
     same = probe.load_run(make_gender_run(tmp_path / "same", feminine_per_occupation=5))
-    rule = Rule("reference_gap", probe="occupations", max_increase=0.05)
+    rule = Rule(metric="reference_gap", probe="occupations", max_increase=0.05)
     failed = evaluate(wider, baseline, [rule])
     assert not failed.passed
     assert failed.outcomes[0].estimate == pytest.approx(0.3) and failed.outcomes[0].baseline == pytest.approx(0.0)
     assert evaluate(same, baseline, [rule]).passed
-    parity = evaluate(wider, None, [Rule("parity_gap", max=0.1)])
+    parity = evaluate(wider, None, [Rule(metric="parity_gap", max=0.1)])
     assert not parity.passed and parity.outcomes[0].estimate == pytest.approx(0.3)
-    assert evaluate(same, None, [Rule("parity_gap", max=0.1)]).passed
+    assert evaluate(same, None, [Rule(metric="parity_gap", max=0.1)]).passed
 
 
 def add_set_rows(run: Path, values: dict[str, float | None]) -> None:
@@ -189,7 +189,7 @@ def test_set_metric_rules_check_every_group_against_the_same_group(tmp_path, bas
     base = make_run(tmp_path / "base", {"clip_score": base_values})
     add_set_rows(run, {"nurse": 0.10, "pilot": 0.50})
     add_set_rows(base, {"nurse": 0.10, "pilot": 0.10})
-    result = evaluate(probe.load_run(run), baseline_from_run(base), [Rule("cmmd", max_increase=0.05)])
+    result = evaluate(probe.load_run(run), baseline_from_run(base), [Rule(metric="cmmd", max_increase=0.05)])
     by_group = {o.group["var_occupation"]: o for o in result.outcomes}
     assert by_group["nurse"].passed and not by_group["pilot"].passed
     assert by_group["pilot"].estimate == pytest.approx(0.4)
@@ -198,5 +198,5 @@ def test_set_metric_rules_check_every_group_against_the_same_group(tmp_path, bas
 def test_a_missing_value_fails_instead_of_passing(tmp_path, base_values):
     run = make_run(tmp_path / "run", {"clip_score": base_values})
     add_set_rows(run, {"nurse": None})
-    result = evaluate(probe.load_run(run), None, [Rule("cmmd", max=0.1)])
+    result = evaluate(probe.load_run(run), None, [Rule(metric="cmmd", max=0.1)])
     assert not result.passed and "no value" in result.outcomes[0].detail

@@ -290,3 +290,9 @@ def test_absolute_init_image_glob(write_suite, tmp_path):
     """)
     loaded = load_suite(path)
     assert [i.path for i in loaded.init_images["p"]] == [str(folder / "a.png")]
+
+
+def test_a_check_needs_exactly_one_bound(write_suite):
+    path = write_suite(GOOD + "checks:\n  - {metric: clip_score, min: 1, max: 2}\n")
+    line, field, message = only_problem(path)
+    assert (line, field) == (7, "checks[0]") and "exactly one of min, max" in message
