@@ -100,6 +100,7 @@ def load_suite(path: str | Path) -> LoadedSuite:
     for index, probe in enumerate(suite.probes):
         where: FieldPath = ("probes", index)
         prompts[probe.name] = _expand_prompts(probe, path.parent, where, issues)
+        _check_duplicates(prompts[probe.name], (*where, "prompts" if probe.prompts is not None else "vars"), issues)
         images[probe.name] = _match_init_images(probe, path.parent, where, issues)
         _check_grid(suite, probe, where, issues)
     if issues:
@@ -259,6 +260,17 @@ def _expand_prompts(probe: Probe, base: Path, where: FieldPath, issues: list[Iss
             attrs.update(extra)
         items.append(PromptItem(prompt=probe.template.format_map(variables), variables=variables, attrs=attrs))
     return items
+
+
+def _check_duplicates(items: list[PromptItem], where: FieldPath, issues: list[Issue]) -> None:
+    """The same prompt twice in one probe would double its weight in every mean and multiply paired rows."""
+    seen: set[tuple[object, ...]] = set()
+    for item in items:
+        identity = (item.prompt, item.text, tuple(sorted(item.variables.items())))
+        if identity in seen:
+            issues.append((where, f"prompt {item.prompt!r} appears more than once in this probe"))
+            return
+        seen.add(identity)
 
 
 def _var_values(spec: Any, base: Path, vpath: FieldPath, issues: list[Issue]) -> list[tuple[str, dict[str, Any]]]:

@@ -296,3 +296,22 @@ def test_a_check_needs_exactly_one_bound(write_suite):
     path = write_suite(GOOD + "checks:\n  - {metric: clip_score, min: 1, max: 2}\n")
     line, field, message = only_problem(path)
     assert (line, field) == (7, "checks[0]") and "exactly one of min, max" in message
+
+
+def test_duplicate_prompts_in_a_probe_are_rejected(write_suite):
+    path = write_suite("""
+        name: ok
+        models: [tiny]
+        probes:
+          - {name: p, prompts: [a red apple, a blue car, a red apple]}
+    """)
+    line, field, message = only_problem(path)
+    assert field == "probes[0].prompts" and "'a red apple' appears more than once" in message
+    same_words_other_target = write_suite("""
+        name: ok
+        models: [tiny]
+        probes:
+          - name: p
+            prompts: [{prompt: a shop sign, text: OPEN}, {prompt: a shop sign, text: CLOSED}]
+    """, name="other.yaml")
+    assert len(load_suite(same_words_other_target).prompts["p"]) == 2
