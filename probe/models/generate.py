@@ -16,6 +16,7 @@ from PIL import Image
 
 from probe.errors import ProbeError
 from probe.models.loading import Pipeline, load_txt2img
+from probe.plan import device_class
 
 if TYPE_CHECKING:
     from probe.records import Job
@@ -23,11 +24,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Embeddings = tuple[torch.Tensor, ...]
-
-
-def device_class(device: str) -> str:
-    """'cuda:1' -> 'cuda': the part of a device that changes numerics (and so belongs in Job keys)."""
-    return device.split(":", 1)[0]
 
 
 def initial_latents(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
