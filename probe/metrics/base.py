@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from probe.metrics.features import FeatureCache
+    from probe.metrics.set_ci import Design, Interval
 
 Direction = Literal["higher", "lower", "none"]
 
@@ -76,6 +77,8 @@ class ScoringContext:
     clip_model: str = "openai/clip-vit-large-patch14"
     run_dir: Path | None = None
     base_dir: Path = Path(".")
+    all_tiny: bool = False
+    """Every image comes from the embedded tiny model: stand-in feature networks may replace real ones."""
     _shared: dict[str, Any] = field(default_factory=dict)
 
     def shared(self, name: str, factory: Any) -> Any:
@@ -102,20 +105,23 @@ class ImageMetric(Protocol):
 class SetMetric(Protocol):
     """A distance between a set of images and a reference set, computed on cached per-image features.
 
-    Split into `embed` and `compare` so the scorer can bootstrap the value over prompts by resampling
-    feature rows, without recomputing any embedding.
+    Split into `embed`, `compare` and `interval` so the scorer can put a jackknife CI over prompts on the
+    value from the feature rows, without recomputing any embedding (see probe.metrics.set_ci).
     """
 
     name: ClassVar[str]
     direction: ClassVar[Direction]
     kind: ClassVar[Literal["set"]]
-    ci_resamples: int
+    ci_groups: int
 
     def config(self, ctx: ScoringContext) -> dict[str, Any]: ...
 
     def embed(self, items: Sequence[ImageItem], ctx: ScoringContext) -> np.ndarray: ...
 
     def compare(self, features: np.ndarray, reference: np.ndarray) -> tuple[float, dict[str, Any]]: ...
+
+    def interval(self, features: np.ndarray, reference: np.ndarray, design: Design, estimate: float,
+                 extra: dict[str, Any]) -> Interval: ...
 
 
 def build_metric(name: str, args: dict[str, Any] | None = None) -> ImageMetric | SetMetric:

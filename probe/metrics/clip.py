@@ -17,6 +17,7 @@ import numpy as np
 from probe.metrics.base import Direction, ImageItem, ImageSet, Score, ScoringContext
 from probe.metrics.clip_loaders import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_REVISION, Encoders, load_encoders
 from probe.metrics.features import FeatureCache, text_id
+from probe.metrics.set_ci import MAX_GROUPS, Design, GroupKernel, Interval, jackknife_interval
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,12 @@ def clip_scores(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np
     return 100.0 * np.maximum(cos, 0.0)
 
 
+def rbf_kernel(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
+    """exp(-gamma * |a_i - b_j|^2) for every pair of rows, in float64."""
+    sq = np.sum(a * a, axis=1)[:, None] + np.sum(b * b, axis=1)[None, :] - 2.0 * a @ b.T
+    return np.exp(-gamma * sq)
+
+
 def _rbf_kernel_mean(a: np.ndarray, b: np.ndarray, gamma: float, block: int = 4096) -> float:
     """Mean of exp(-gamma * |a_i - b_j|^2) over all pairs, in row blocks so memory stays O(block * len(b))."""
     b_sq = np.sum(b * b, axis=1)
@@ -207,12 +214,13 @@ class Cmmd:
     direction: ClassVar[Direction] = "lower"
     kind: ClassVar[Literal["set"]] = "set"
 
-    def __init__(self, sigma: float = 10.0, scale: float = 1000.0, batch_size: int = 16, ci_resamples: int = 200) -> None:
+    def __init__(self, sigma: float = 10.0, scale: float = 1000.0, batch_size: int = 16,
+                 ci_groups: int = MAX_GROUPS) -> None:
         self.sigma = sigma
         self.scale = scale
         self.batch_size = batch_size
-        #: bootstrap resamples the scorer draws for the CI (each is one cheap `compare`).
-        self.ci_resamples = ci_resamples
+        #: most jackknife groups of prompts for the CI (see probe.metrics.set_ci).
+        self.ci_groups = ci_groups
 
     def config(self, ctx: ScoringContext) -> dict[str, Any]:
         return {
@@ -230,6 +238,15 @@ class Cmmd:
     def compare(self, features: np.ndarray, reference: np.ndarray) -> tuple[float, dict[str, Any]]:
         """CMMD of embedded sets; raises ValueError when either is empty."""
         return mmd_rbf(features, reference, sigma=self.sigma, scale=self.scale), {}
+
+    def interval(self, features: np.ndarray, reference: np.ndarray, design: Design, estimate: float,
+                 extra: dict[str, Any]) -> Interval:
+        """Jackknife CI over prompts; each replicate is a quadratic form in kernel sums computed once."""
+        gamma = 1.0 / (2.0 * self.sigma**2)
+        sums = GroupKernel.of(lambda a, b: rbf_kernel(a, b, gamma), np.asarray(features, dtype=np.float64),
+                              np.asarray(reference, dtype=np.float64), design)
+        return jackknife_interval(lambda kx, ky: self.scale * sums.mmd2(kx, ky, unbiased=False), design, estimate,
+                                  floor=0.0)
 
     def score_set(self, images: ImageSet, reference: ImageSet, ctx: ScoringContext) -> Score:
         """One Score for `images` against `reference` (no CI; the scorer adds one via embed/compare)."""

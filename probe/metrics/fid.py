@@ -31,7 +31,8 @@ import numpy as np
 from probe.errors import ProbeError, UsageError, suggest
 from probe.metrics.base import Direction, ImageItem, ImageSet, Score, ScoringContext
 from probe.metrics.distribution import Gaussian, adapt_subset_size, frechet_to, kid, poly_kernel
-from probe.metrics.inception import InceptionExtractor
+from probe.metrics.inception import InceptionExtractor, StandInExtractor
+from probe.metrics.set_ci import MAX_GROUPS, Design, GroupKernel, Interval, jackknife_interval
 from probe.store import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -78,8 +79,17 @@ class ClipFeatures:
 
 
 def build_extractor(features: str, ctx: ScoringContext) -> FeatureExtractor:
-    """The extractor named by a metric's `features` arg, one instance per scoring context."""
+    """The extractor named by a metric's `features` arg, one instance per scoring context.
+
+    `inception` is the real FID Inception-v3, except when every image comes from the embedded tiny model
+    and the CLIP is the tiny one too (`--model tiny` without `--clip-model`): then a seeded random-weight
+    stand-in takes its place, as the tiny CLIP does for CLIP, so such runs score FID/KID offline. Its id marks
+    it as a stand-in. Images made elsewhere (`probe score`), runs with any real model and runs scored with a
+    real CLIP always get the real network.
+    """
     if features == "inception":
+        if ctx.all_tiny and ctx.clip_model == "tiny":
+            return ctx.shared("fid-features:inception", lambda: StandInExtractor(device=ctx.device))
         return ctx.shared("fid-features:inception", lambda: InceptionExtractor(device=ctx.device))
     if features == "clip":
         return ctx.shared("fid-features:clip", lambda: ClipFeatures(ctx))
@@ -134,12 +144,12 @@ class _ReferenceDistance:
     kind: ClassVar[Literal["set"]] = "set"
     name: ClassVar[str]
 
-    def __init__(self, features: FeatureKind = "inception", ci_resamples: int = 100) -> None:
+    def __init__(self, features: FeatureKind = "inception", ci_groups: int = MAX_GROUPS) -> None:
         if features not in FEATURE_KINDS:
             raise UsageError(f"{self.name}: unknown features {features!r}{suggest(features, FEATURE_KINDS)}")
         self.features = features
-        #: bootstrap resamples the scorer draws for the CI (each one `compare` call).
-        self.ci_resamples = ci_resamples
+        #: most jackknife groups of prompts for the CI (each one replicate; see probe.metrics.set_ci).
+        self.ci_groups = ci_groups
         self._reference: tuple[np.ndarray, ReferenceStats] | None = None
 
     def config(self, ctx: ScoringContext) -> dict[str, Any]:
@@ -191,6 +201,22 @@ class Fid(_ReferenceDistance):
             raise ValueError(f"fid: the reference has {len(reference)} row(s), needs at least 2")
         return frechet_to(features, self._stats(reference).gaussian), {}
 
+    def interval(self, features: np.ndarray, reference: np.ndarray, design: Design, estimate: float,
+                 extra: dict[str, Any]) -> Interval:
+        """Jackknife CI over prompts: each replicate is one `frechet_to` (an SVD), the fixed side's moments once."""
+        fixed = self._stats(reference).gaussian
+
+        def replicate(keep_x: np.ndarray, keep_y: np.ndarray) -> float:
+            rows = np.asarray(features)[keep_x[design.x_groups]]
+            if keep_y.all():
+                return frechet_to(rows, fixed)
+            kept = np.asarray(reference)[keep_y[design.y_groups]]
+            if len(kept) < 2:
+                raise ValueError("fewer than 2 reference rows")
+            return frechet_to(rows, Gaussian.of(kept))
+
+        return jackknife_interval(replicate, design, estimate, floor=0.0)
+
 
 class Kid(_ReferenceDistance):
     """Kernel Inception Distance (Bińkowski et al. 2018): unbiased cubic-kernel MMD² over random subsets.
@@ -207,9 +233,9 @@ class Kid(_ReferenceDistance):
         subset_size: int = 1000,
         n_subsets: int = 100,
         seed: int = 0,
-        ci_resamples: int = 100,
+        ci_groups: int = MAX_GROUPS,
     ) -> None:
-        super().__init__(features, ci_resamples)
+        super().__init__(features, ci_groups)
         if subset_size < 2 or n_subsets < 1:
             raise UsageError(f"kid: subset_size must be >= 2 and n_subsets >= 1 (got {subset_size}, {n_subsets})")
         self.subset_size = subset_size
@@ -230,6 +256,15 @@ class Kid(_ReferenceDistance):
         mean, std = kid(features, reference, size, self.n_subsets, self.seed, k22=k22)
         adapted = size != self.subset_size
         return mean, {"std": std, "subset_size": size, "n_subsets": self.n_subsets, "subset_adapted": adapted}
+
+    def interval(self, features: np.ndarray, reference: np.ndarray, design: Design, estimate: float,
+                 extra: dict[str, Any]) -> Interval:
+        """Jackknife CI of the full-set unbiased MMD² (KID's mean) plus the subset-sampling variance."""
+        sums = GroupKernel.of(poly_kernel, np.asarray(features, dtype=np.float64),
+                              np.asarray(reference, dtype=np.float64), design)
+        subset_variance = float(extra.get("std", 0.0)) ** 2 / self.n_subsets
+        return jackknife_interval(lambda kx, ky: sums.mmd2(kx, ky, unbiased=True), design, estimate,
+                                  extra_variance=subset_variance)
 
     def _reference_kernel(self, reference: np.ndarray) -> np.ndarray | None:
         """poly_kernel(reference, reference), kept while the same reference array comes back (bootstrap)."""
