@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from probe.datasets import DATASETS, dataset_path
-from probe.errors import UsageError, suggest
+from probe.errors import ProbeError, UsageError, suggest
 from probe.metrics.catalog import CHECK_ONLY_METRICS, DERIVED_DIRECTIONS, METRICS
 from probe.models.registry import PRESETS
 from probe.suite import ALL_FIELD_NAMES, MetricSpec, Probe, PromptFile, Suite, VarFile
@@ -286,10 +286,10 @@ def _prompts_from_file(spec: PromptFile, base: Path, ppath: FieldPath, issues: l
         if spec.dataset not in DATASETS:
             issues.append(((*ppath, "dataset"), f"unknown dataset {spec.dataset!r}{suggest(spec.dataset, DATASETS)}"))
             return []
-        file = dataset_path(spec.dataset)
-        if not file.is_file():
-            issues.append(((*ppath, "dataset"), f"dataset {spec.dataset!r} is not downloaded: run `probe data pull "
-                                                f"{spec.dataset}` (or point PROBE_DATA at a folder holding it)"))
+        try:  # a pulled copy, else the shipped one (sha256-checked); a broken install is an issue, not a crash
+            file = dataset_path(spec.dataset)
+        except ProbeError as exc:
+            issues.append(((*ppath, "dataset"), str(exc)))
             return []
     else:
         file = base / str(spec.file)

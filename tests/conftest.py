@@ -12,7 +12,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = REPO / "suites"
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture
@@ -29,12 +28,9 @@ def write_suite(tmp_path: Path):
 
 @pytest.fixture(autouse=True)
 def shared_datasets(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Datasets resolve to the copies in ../shared/data (what `probe data pull` would have fetched)."""
-    root = tmp_path_factory.getbasetemp() / "probe-data"
-    target = root / "partiprompts" / "PartiPrompts.tsv"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(SHARED_DATA / "partiprompts" / "PartiPrompts.tsv")
+    """An empty data folder per test: datasets resolve to the copies shipped in the package, as on a fresh
+    machine, and never to one the developer pulled. A test that needs a pulled copy writes it here."""
+    root = tmp_path_factory.mktemp("probe-data")
     monkeypatch.setenv("PROBE_DATA", str(root))
     return root
 

@@ -254,8 +254,11 @@ def test_dataset_prompts_with_where_filter():
     assert all(i.attrs["Category"] for i in items)
 
 
-def test_dataset_not_downloaded_says_how_to_get_it(write_suite, monkeypatch, tmp_path):
+def test_dataset_neither_shipped_nor_pulled_says_how_to_get_it(write_suite, monkeypatch, tmp_path):
+    from probe import datasets
+
     monkeypatch.setenv("PROBE_DATA", str(tmp_path / "empty"))
+    monkeypatch.setattr(datasets, "SHIPPED_DIR", tmp_path / "no-shipped-data")  # an install that lost its data
     path = write_suite("""
         name: ok
         models: [tiny]
