@@ -58,29 +58,30 @@ def dtype_for(device: str) -> str:
 def resolve_model(entry: ModelEntry, override: str | None = None, base: Path = Path(".")) -> ResolvedModel:
     """Apply the preset, the entry's id/revision overrides, and a --model override (which wins).
 
-    Local folders (relative to `base`, the suite's folder) and unpinned hub ids are pinned to what they hold
-    now (see probe.models.fingerprint), so a Job key changes when the weights do.
+    Then pin what the key sees (probe.models.fingerprint): local folders (relative to `base`, the suite's
+    folder) by their contents, hub branches and tags (or no revision) by the commit the local cache holds,
+    so a Job key changes when the weights do.
     """
     if override is not None:
         if override not in PRESETS:
             raise UsageError(f"--model: unknown preset {override!r}{suggest(override, PRESETS)}")
         preset = PRESETS[override]
-        return ResolvedModel(
-            label=entry.label, preset=preset, model_id=preset.model_id, revision=preset.revision,
-            lora_id=preset.lora_id, lora_revision=preset.lora_revision, scheduler=preset.scheduler or "repo-default",
+        model_id, revision = preset.model_id, preset.revision
+        lora_id, lora_revision = preset.lora_id, preset.lora_revision
+    else:
+        preset = PRESETS[entry.preset]
+        model_id = entry.model_id or preset.model_id
+        revision = entry.revision if entry.revision is not None else (
+            preset.revision if model_id == preset.model_id else None
         )
-    preset = PRESETS[entry.preset]
-    model_id = entry.model_id or preset.model_id
-    revision = entry.revision if entry.revision is not None else (preset.revision if model_id == preset.model_id else None)
-    lora_id = entry.lora_id or preset.lora_id
-    lora_revision = entry.lora_revision if entry.lora_revision is not None else (
-        preset.lora_revision if lora_id == preset.lora_id else None
-    )
-    pinned_id, revision = pin(model_id, revision, base, "model_index.json")
-    model_id = pinned_id or model_id
-    lora_id, lora_revision = pin(lora_id, lora_revision, base, "pytorch_lora_weights.safetensors")
+        lora_id = entry.lora_id or preset.lora_id
+        lora_revision = entry.lora_revision if entry.lora_revision is not None else (
+            preset.lora_revision if lora_id == preset.lora_id else None
+        )
+    pinned_id, revision = pin(model_id, revision, base)
+    lora_id, lora_revision = pin(lora_id, lora_revision, base)
     return ResolvedModel(
-        label=entry.label, preset=preset, model_id=model_id, revision=revision,
+        label=entry.label, preset=preset, model_id=pinned_id or model_id, revision=revision,
         lora_id=lora_id, lora_revision=lora_revision, scheduler=preset.scheduler or "repo-default",
     )
 

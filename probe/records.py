@@ -27,7 +27,8 @@ class Job(BaseModel):
     model: str = Field(description="Model label from the suite (the preset name unless `name:` is set).")
     preset: str = Field(description="Preset that generates the image (differs from the label under --model).")
     model_id: str = Field(description="Resolved hub id or local folder of the base pipeline.")
-    revision: str | None = Field(description="Hub revision (commit) of the base pipeline; None for local/tiny.")
+    revision: str | None = Field(description="Hub commit of the base pipeline (branches and tags resolved); "
+                                             "`local-<sha256>` of a local folder's contents; `tiny-v1` for tiny.")
     lora_id: str | None = Field(default=None, description="LoRA adapter hub id or folder, if any.")
     lora_revision: str | None = Field(default=None, description="Hub revision of the LoRA adapter.")
     scheduler: str = Field(description="Scheduler class and non-default config, e.g. 'EulerDiscreteScheduler(trailing)'.")
@@ -51,11 +52,22 @@ class Job(BaseModel):
 
     def pixel_inputs(self) -> dict[str, object]:
         """Everything that decides the pixels, and nothing else (labels, probe names and attrs excluded)."""
+
+        def weights(reference: str | None, revision: str | None) -> str | None:
+            # A local folder or file is pinned by content (revision 'local-<sha256>', see
+            # probe.models.fingerprint): the key sees 'local:<sha256>' instead of its absolute path, so moved
+            # or copied weights keep their images. Hub ids and the tiny model pass through unchanged.
+            from pathlib import PurePath
+
+            if reference and revision and revision.startswith("local-") and PurePath(reference).is_absolute():
+                return "local:" + revision.removeprefix("local-")
+            return reference
+
         return {
             "v": GENERATION_VERSION,
-            "model_id": self.model_id,
+            "model_id": weights(self.model_id, self.revision),
             "revision": self.revision,
-            "lora_id": self.lora_id,
+            "lora_id": weights(self.lora_id, self.lora_revision),
             "lora_revision": self.lora_revision,
             "scheduler": self.scheduler,
             "dtype": self.dtype,

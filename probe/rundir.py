@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,17 @@ from probe.tables import write_parquet_atomic
 MANIFEST = "manifest.json"
 JOBS = "jobs.parquet"
 PROGRESS = "progress.jsonl"
+_RUN_NAME = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")
+
+
+def run_order(name: str) -> tuple[int, str, int]:
+    """Sort key of run folder names: by stamp, then by the number `create` appends within one second, so
+    `<stamp>-10` comes after `<stamp>-9` (plain name order puts it before `<stamp>-2`). Names `create` never
+    makes sort before every run it made."""
+    match = _RUN_NAME.fullmatch(name)
+    if match is None:
+        return (0, name, 0)
+    return (1, match.group(1), int(match.group(2) or 0))
 
 
 class RunDir:
@@ -44,7 +56,8 @@ class RunDir:
         """The newest unfinished run of the same plan, if any."""
         if not suite_root.is_dir():
             return None
-        for path in sorted((p for p in suite_root.iterdir() if p.is_dir() and not p.is_symlink()), reverse=True):
+        runs = (p for p in suite_root.iterdir() if p.is_dir() and not p.is_symlink())
+        for path in sorted(runs, key=lambda p: run_order(p.name), reverse=True):
             run = cls(path)
             manifest = run.read_manifest()
             if manifest is None:
@@ -122,6 +135,7 @@ def _job_row(job: Job, result: JobResult | None, image: str) -> dict[str, object
         "model_id": job.model_id,
         "revision": job.revision,
         "lora_id": job.lora_id,
+        "lora_revision": job.lora_revision,
         "scheduler": job.scheduler,
         "dtype": job.dtype,
         "device_class": job.device_class,

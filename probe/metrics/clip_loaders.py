@@ -128,6 +128,30 @@ def _not_cached(model_id: str, revision: str, reason: str) -> ProbeError:
     )
 
 
+def _weights_present(folder: Path) -> bool:
+    """Whether a transformers checkpoint folder holds its weights: one file, or an index with all its shards."""
+    if any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        return True
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        try:
+            shards = set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        return all((folder / shard).is_file() for shard in shards)
+    return False
+
+
+def _snapshot_lacks(folder: Path) -> list[str]:
+    """What a cached CLIP snapshot lacks for CLIPModel + CLIPProcessor (checked before loading: transformers'
+    own error for a missing file is a long OSError, and a missing vocabulary can pass silently)."""
+    lacks = [] if _weights_present(folder) else ["its weights (model.safetensors)"]
+    if not any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        lacks.append("preprocessor_config.json")  # transformers 5 saves processor_config.json instead
+    if not ((folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in ("vocab.json", "merges.txt"))):
+        lacks.append("its tokenizer (vocab.json and merges.txt, or tokenizer.json)")
+    return lacks
+
+
 def _load_hub(model_id: str, revision: str, device: str) -> Encoders:
     """From the local HF cache only; the snapshot folder's name is the resolved commit."""
     from huggingface_hub import constants, try_to_load_from_cache
@@ -136,12 +160,16 @@ def _load_hub(model_id: str, revision: str, device: str) -> Encoders:
     found = try_to_load_from_cache(model_id, "config.json", revision=revision)
     if not isinstance(found, str):
         raise _not_cached(model_id, revision, f"not in the Hugging Face cache {constants.HF_HUB_CACHE}")
+    snapshot = Path(found).parent
+    lacks = _snapshot_lacks(snapshot)
+    if lacks:
+        raise _not_cached(model_id, revision, f"its cached snapshot {snapshot} lacks {', '.join(lacks)}")
     try:
-        model = CLIPModel.from_pretrained(model_id, revision=revision, local_files_only=True)
-        processor = CLIPProcessor.from_pretrained(model_id, revision=revision, local_files_only=True)
+        model = CLIPModel.from_pretrained(snapshot, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(snapshot, local_files_only=True)
     except OSError as error:
         raise _not_cached(model_id, revision, f"incomplete in the cache ({error})") from error
-    return _hf_encoders(model, processor, device, model_id, Path(found).parent.name)
+    return _hf_encoders(model, processor, device, model_id, snapshot.name)
 
 
 def _load_folder(folder: Path, device: str) -> Encoders:
