@@ -17,15 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from probe.analysis.aggregate import GRID, aggregate, paired_deltas, per_image
+from probe.analysis.aggregate import GRID, aggregate, paired_deltas, per_image, with_series
+from probe.analysis.pairing import pair
 from probe.analysis.stats import cluster_bootstrap
 from probe.errors import UsageError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
-
-PAIR_ON = ["probe", "model", "prompt", "seed", "steps", "strength", "init_image"]
 
 
 class Run:
@@ -63,14 +62,14 @@ class Run:
         return str(self.jobs["model"].iloc[0])
 
     def frame(self) -> pd.DataFrame:
-        """Jobs joined with per-image scores: one row per image, one column per metric (and `<metric>_label`)."""
+        """Jobs joined with per-image scores: one row per image, one column per series (and `<series>_label`)."""
         long = per_image(self.jobs, self.scores)
         jobs = self.jobs[self.jobs["image"].notna()].drop_duplicates(["probe", "model", "key"])
         if long.empty:
             return jobs.reset_index(drop=True)
         index = ["probe", "model", "key"]
-        values = long.pivot_table(index=index, columns="metric", values="value", aggfunc="first")
-        labels = long[long["label"].notna()].pivot_table(index=index, columns="metric", values="label", aggfunc="first")
+        values = long.pivot_table(index=index, columns="series", values="value", aggfunc="first")
+        labels = long[long["label"].notna()].pivot_table(index=index, columns="series", values="label", aggfunc="first")
         labels.columns = [f"{c}_label" for c in labels.columns]
         wide = values.join(labels, how="outer") if not labels.empty else values
         return jobs.merge(wide.reset_index(), on=index, how="left").reset_index(drop=True)
@@ -83,20 +82,22 @@ class Run:
         """
         if by is None:
             stored = self.path / "aggregates.parquet"
-            return pd.read_parquet(stored) if stored.is_file() else aggregate(self.jobs, self.scores)
+            return with_series(pd.read_parquet(stored)) if stored.is_file() else aggregate(self.jobs, self.scores)
         frame = per_image(self.jobs, self.scores)
         frame = frame[frame["value"].notna()]
         rows = []
-        for coords, group in frame.groupby([*by, "metric"], dropna=False, sort=True):
+        for coords, group in frame.groupby([*by, "series"], dropna=False, sort=True):
             est = cluster_bootstrap(group["value"].to_numpy(), group["prompt"].to_numpy())
-            rows.append({**dict(zip([*by, "metric"], coords, strict=True)), "mean": est.mean, "low": est.low,
+            rows.append({**dict(zip([*by, "series"], coords, strict=True)), "metric": group["metric"].iloc[0],
+                         "mean": est.mean, "low": est.low,
                          "high": est.high, "n_prompts": est.n_clusters, "n_images": est.n})
         return pd.DataFrame(rows)
 
     def deltas(self) -> pd.DataFrame:
-        """The subject minus each baseline, paired by (prompt, seed, strength, init image), with CIs."""
+        """The subject minus each baseline, paired by `probe.analysis.pairing.ITEM`, with CIs."""
         stored = self.path / "deltas.parquet"
-        return pd.read_parquet(stored) if stored.is_file() else paired_deltas(self.jobs, self.scores, self.subject)
+        return with_series(pd.read_parquet(stored)) if stored.is_file() else paired_deltas(self.jobs, self.scores,
+                                                                                          self.subject)
 
     def image_path(self, key: str) -> Path:
         """Where the image for a job key lives in this run folder."""
@@ -157,7 +158,7 @@ def load_run(path: str | Path) -> Run:
 
 
 def compare(run_a: Run | str | Path, run_b: Run | str | Path) -> pd.DataFrame:
-    """Per-image metrics of run_b minus run_a, paired by (probe, model, prompt, seed, steps, strength, init image).
+    """Per-image metrics of run_b minus run_a, paired by model, steps and `probe.analysis.pairing.ITEM`.
 
     For "what changed between two versions of a model or of the library": one row per probe x model x steps x
     strength x metric with the mean change, its 95% CI (clustered by prompt) and the number of pairs.
@@ -166,12 +167,12 @@ def compare(run_a: Run | str | Path, run_b: Run | str | Path) -> pd.DataFrame:
     b = run_b if isinstance(run_b, Run) else load_run(run_b)
     left = per_image(a.jobs, a.scores)
     right = per_image(b.jobs, b.scores)
-    merged = left.merge(right, on=[*PAIR_ON, "metric"], suffixes=("_a", "_b"))
+    merged = pair(left, right, extra=["model", "steps", "series", "metric"], suffixes=("_a", "_b"))
     merged = merged[merged["value_a"].notna() & merged["value_b"].notna()]
     rows = []
-    for coords, group in merged.groupby([*GRID, "metric"], dropna=False, sort=True):
+    for coords, group in merged.groupby([*GRID, "series", "metric"], dropna=False, sort=True):
         est = cluster_bootstrap((group["value_b"] - group["value_a"]).to_numpy(), group["prompt"].to_numpy())
-        rows.append({**dict(zip([*GRID, "metric"], coords, strict=True)), "mean_a": group["value_a"].mean(),
+        rows.append({**dict(zip([*GRID, "series", "metric"], coords, strict=True)), "mean_a": group["value_a"].mean(),
                      "mean_b": group["value_b"].mean(), "delta": est.mean, "low": est.low, "high": est.high,
                      "n_pairs": est.n, "n_prompts": est.n_clusters})
     return pd.DataFrame(rows)

@@ -1,7 +1,8 @@
 """Baselines for `probe check`: a run's per-image scores and aggregates, saved as one portable JSON file.
 
-Per-image scores are stored with their coordinates (probe, model, prompt, seed, steps, strength, init image)
-as well as the job key, so a baseline made with one model version pairs with a run of the next version,
+Per-image scores are stored with their coordinates (model, steps and the pairing item of
+probe.analysis.pairing: probe, prompt, target text, variables, seed, strength, init image) as well as the job
+key, so a baseline made with one model version pairs with a run of the next version,
 whose keys differ (the revision is part of the key) but whose coordinates are the same.
 """
 
@@ -15,11 +16,14 @@ from typing import Any
 import pandas as pd
 
 from probe.analysis.aggregate import latest_config, per_image
+from probe.analysis.pairing import ITEM
 from probe.errors import UsageError
 from probe.store import atomic_write_bytes
 
 FORMAT = "probe-baseline/1"
-COORDINATES = ["probe", "model", "prompt", "seed", "steps", "strength", "init_image"]
+COORDINATES = [*ITEM, "model", "steps"]
+PER_IMAGE = [*COORDINATES, "key", "series", "metric", "value", "label"]
+SETS = ["probe", "model", "steps", "strength", "series", "metric", "value", "low", "high", "se", "group"]
 
 
 @dataclass(frozen=True)
@@ -30,9 +34,9 @@ class Baseline:
     suite_sha256: str
     provenance: dict[str, Any]
     per_image: pd.DataFrame
-    """One row per (job, metric): COORDINATES + key, metric, value, label."""
+    """One row per (job, series): COORDINATES + key, series, metric, value, label."""
     sets: pd.DataFrame
-    """Set-metric rows (fid, kid, cmmd): probe, model, steps, strength, metric, value, low, high, group."""
+    """Set-metric rows (fid, kid, cmmd): probe, model, steps, strength, series, metric, value, low, high, se, group."""
 
 
 def baseline_from_run(run_dir: Path) -> Baseline:
@@ -41,15 +45,23 @@ def baseline_from_run(run_dir: Path) -> Baseline:
 
     run = load_run(run_dir)
     frame = per_image(run.jobs, run.scores)
-    frame = frame[[*COORDINATES, "key", "metric", "value", "label"]].reset_index(drop=True)
+    frame = frame.reindex(columns=PER_IMAGE).reset_index(drop=True)
     scores = latest_config(run.scores)
     sets = scores[scores["key"].isna()] if not scores.empty else scores
-    sets = sets.reindex(columns=["probe", "model", "steps", "strength", "metric", "value", "low", "high", "group"])
+    sets = sets.assign(se=[_set_se(extra) for extra in sets["extra"]]).reindex(columns=SETS)
     manifest = run.manifest
     provenance = {k: manifest.get(k) for k in ("presets", "packages", "device", "started_at", "finished_at", "counts")}
     provenance["run_dir"] = str(run.path)
     return Baseline(manifest["suite_name"], manifest.get("suite_sha256", ""), provenance, frame,
                     sets.reset_index(drop=True))
+
+
+def _set_se(extra: object) -> float | None:
+    """The jackknife standard error a set row records (None for rows without a CI)."""
+    if not isinstance(extra, str) or not extra:
+        return None
+    se = json.loads(extra).get("ci_se")
+    return None if se is None else float(se)
 
 
 def save_baseline(run_dir: Path, target: Path) -> Baseline:
@@ -85,8 +97,15 @@ def load_baseline(path: Path) -> Baseline:
         raise UsageError(f"--baseline {path}: not JSON ({exc})") from None
     if payload.get("format") != FORMAT:
         raise UsageError(f"--baseline {path}: not a probe baseline (format {payload.get('format')!r})")
-    per_image_rows = pd.DataFrame(payload["per_image"], columns=[*COORDINATES, "key", "metric", "value", "label"])
-    sets = pd.DataFrame(payload["sets"], columns=["probe", "model", "steps", "strength", "metric", "value", "low",
-                                                  "high", "group"])
+    per_image_rows = _upgrade(pd.DataFrame(payload["per_image"]).reindex(columns=PER_IMAGE))
+    sets = _upgrade(pd.DataFrame(payload["sets"]).reindex(columns=SETS))
     return Baseline(payload["suite_name"], payload.get("suite_sha256", ""), payload.get("provenance", {}),
                     per_image_rows, sets)
+
+
+def _upgrade(frame: pd.DataFrame) -> pd.DataFrame:
+    """Baselines saved before metric identity was data hold the label in `metric` and no `series`."""
+    missing = frame["series"].isna()
+    frame.loc[missing, "series"] = frame.loc[missing, "metric"]
+    frame["metric"] = frame["metric"].astype(object).where(~missing, frame["series"].astype(str).str.split("[", n=1).str[0])
+    return frame

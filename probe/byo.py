@@ -42,6 +42,7 @@ class ScoreRequest:
     clip_model: str = "openai/clip-vit-large-patch14"
     device: str = "cpu"
     cache_dir: Path | None = None
+    debug: bool = False
 
 
 def read_prompt_table(path: Path) -> list[dict[str, str]]:
@@ -139,12 +140,16 @@ def _job_rows(rows: list[dict[str, str]], request: ScoreRequest, run: RunDir) ->
         records.append({
             "key": key, "probe": row.get("probe") or "images", "model": row.get("model") or request.images.name,
             "mode": "external", "prompt": row["prompt"], "text": row.get("text") or None,
-            "seed": int(row["seed"]) if row.get("seed") else 0,
+            # No seed given: no seed recorded. The image is then its own item: never paired with another model's
+            # image, and a grid cell of its own (probe.analysis.pairing).
+            "seed": int(row["seed"]) if row.get("seed") else None,
             "steps": int(row["steps"]) if row.get("steps") else None, "strength": None, "init_image": None,
             "width": width, "height": height, "status": "cached", "image": relative, "seconds": None,
             "source_file": row["file"], "variables": json.dumps({k[4:]: v for k, v in extra.items()}), **extra,
         })
-    return pd.DataFrame(records)
+    frame = pd.DataFrame(records)
+    frame["seed"] = frame["seed"].astype("Int64")
+    return frame
 
 
 def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dict[str, Any]]:
@@ -187,5 +192,6 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     run.update_latest()
     from probe.runner import render_report
 
-    render_report(run.path)
-    return run.path, {"computed": counts.computed, "reused": counts.reused}
+    report, report_error = render_report(run.path, request.debug)
+    return run.path, {"computed": counts.computed, "reused": counts.reused, "report": report,
+                      "report_error": report_error}

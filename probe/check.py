@@ -8,6 +8,12 @@ A rule names a metric and a scope (probe, model, steps) and one kind of bound:
   `parity_gap` and `feminine_share` are computed from perceived_gender labels per group, see check_bias.py).
 Mode `significant` (the default) fails only when the 95% CI of the (paired) change, or of the mean for a
 bound, lies entirely beyond the tolerance; `strict` compares point estimates.
+
+A rule names a series (`fid[features=clip]`) or a base metric (`fid`: every configuration of it), and its
+direction comes from the base metric. Each group gets one of three verdicts: pass, fail, or **inconclusive**
+when there is nothing to judge (no values, every label unknown/no_person, no baseline pair, or no CI in
+significant mode, e.g. one prompt). Inconclusive fails the gate unless `allow_inconclusive` is set: a gate
+that cannot see must not say "pass".
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
 from probe.analysis.aggregate import latest_config, per_image
+from probe.analysis.pairing import pair
 from probe.analysis.stats import cluster_bootstrap
-from probe.baseline import COORDINATES, Baseline
+from probe.baseline import Baseline
 from probe.check_bias import BIAS_GAPS, bias_outcomes
 from probe.errors import UsageError, suggest
 from probe.metrics.catalog import direction_of
@@ -33,7 +41,10 @@ if TYPE_CHECKING:
     from probe.api import Run
 
 Mode = Literal["strict", "significant"]
+Status = Literal["pass", "fail", "inconclusive"]
 SCOPE = ["probe", "model", "steps", "strength"]
+#: normal quantile for combining two runs' set-metric standard errors.
+Z95 = 1.959963984540054
 
 
 #: A gate is the suite's `Check` record (one schema for `checks:` and `--rule`).
@@ -42,11 +53,11 @@ Rule = Check
 
 @dataclass
 class Outcome:
-    """The result of one rule on one group (probe x model x steps x strength)."""
+    """The result of one rule on one group (probe x model x steps x strength [x series])."""
 
     rule: str
     group: dict[str, Any]
-    passed: bool
+    status: Status
     estimate: float
     low: float | None
     high: float | None
@@ -55,20 +66,33 @@ class Outcome:
     detail: str
     baseline: float | None = None
 
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
 
 @dataclass
 class Verdict:
-    """All outcomes; failed when any outcome failed."""
+    """All outcomes; passed when every outcome passed (inconclusive ones too, if allowed) and there is one."""
 
     outcomes: list[Outcome] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
+    allow_inconclusive: bool = False
+
+    def ok(self, outcome: Outcome) -> bool:
+        """Whether this outcome lets the gate pass."""
+        return outcome.passed or (outcome.status == "inconclusive" and self.allow_inconclusive)
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outcomes)
+        return bool(self.outcomes) and all(self.ok(o) for o in self.outcomes)
+
+    @property
+    def inconclusive(self) -> int:
+        return sum(o.status == "inconclusive" for o in self.outcomes)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"verdict": "pass" if self.passed else "fail",
+        return {"verdict": "pass" if self.passed else "fail", "allow_inconclusive": self.allow_inconclusive,
                 "rules": [r.model_dump() | {"name": r.title} for r in self.rules],
                 "outcomes": [asdict(o) for o in self.outcomes]}
 
@@ -97,8 +121,8 @@ def rules_from_checks(checks: Iterable[Check]) -> list[Rule]:
     return list(checks)
 
 
-def evaluate(run: Run, baseline: Baseline | None, rules: list[Rule]) -> Verdict:
-    """Evaluate every rule; UsageError (exit 2) for misuse: unknown metric, no baseline, no overlap."""
+def evaluate(run: Run, baseline: Baseline | None, rules: list[Rule], *, allow_inconclusive: bool = False) -> Verdict:
+    """Evaluate every rule; UsageError (exit 2) for misuse: unknown metric, no baseline, another suite."""
     if not rules:
         raise UsageError("no rules: add `checks:` to the suite or pass --rule")
     if baseline is not None and baseline.suite_name != run.manifest["suite_name"]:
@@ -106,17 +130,23 @@ def evaluate(run: Run, baseline: Baseline | None, rules: list[Rule]) -> Verdict:
     images = per_image(run.jobs, run.scores)
     scores = latest_config(run.scores)
     sets = scores[scores["key"].isna()] if not scores.empty else scores
-    verdict = Verdict(rules=rules)
+    verdict = Verdict(rules=rules, allow_inconclusive=allow_inconclusive)
     for rule in rules:
         if rule.metric in BIAS_GAPS:
-            verdict.outcomes.extend(bias_outcomes(rule, images, run.jobs, baseline, _decide))
+            outcomes = bias_outcomes(rule, images, run.jobs, baseline, _decide)
         else:
-            verdict.outcomes.extend(_evaluate_rule(rule, images, sets, baseline))
+            outcomes = _evaluate_rule(rule, images, sets, baseline)
+        verdict.outcomes.extend(outcomes or [_nothing(rule, {}, "no group in scope")])
     return verdict
 
 
+def _named(frame: pd.DataFrame, name: str) -> pd.Series:
+    """Rows of the series `name`, or of every series of the base metric `name`."""
+    return (frame["series"] == name) | (frame["metric"] == name)
+
+
 def _in_scope(frame: pd.DataFrame, rule: Rule) -> pd.DataFrame:
-    frame = frame[frame["metric"] == rule.metric]
+    frame = frame[_named(frame, rule.metric)]
     for column in ("probe", "model", "steps"):
         value = getattr(rule, column)
         if value is not None:
@@ -129,88 +159,123 @@ def _evaluate_rule(rule: Rule, images: pd.DataFrame, sets: pd.DataFrame, baselin
     mine = _in_scope(images, rule)
     mine_sets = _in_scope(sets, rule) if not sets.empty else sets
     if mine.empty and mine_sets.empty:
-        known = sorted(set(images["metric"]) | set(sets["metric"] if not sets.empty else []))
+        known = sorted(set(images["series"]) | set(images["metric"]) | set(sets["series"] if not sets.empty else []))
         raise UsageError(f"rule {rule.title}: the run has no {rule.metric!r} scores in that scope"
                          f"{suggest(rule.metric, known)}")
     if kind in ("max_drop", "max_increase") and baseline is None:
         raise UsageError(f"rule {rule.title} compares with a baseline: pass --baseline FILE_OR_RUN_DIR")
-    if not mine.empty:
-        return _per_image_outcomes(rule, mine, baseline)
-    return _set_outcomes(rule, mine_sets, baseline)
+    outcomes = _per_image_outcomes(rule, mine, baseline) if not mine.empty else []
+    return outcomes + (_set_outcomes(rule, mine_sets, baseline) if not mine_sets.empty else [])
 
 
-def _groups(frame: pd.DataFrame) -> Iterable[tuple[dict[str, Any], pd.DataFrame]]:
-    for coords, group in frame.groupby(SCOPE, dropna=False, sort=True):
-        group_coords = {k: (None if pd.isna(v) else v) for k, v in zip(SCOPE, coords, strict=True)}
+def _groups(frame: pd.DataFrame, rule: Rule) -> Iterable[tuple[dict[str, Any], pd.DataFrame]]:
+    """(group, rows) per scope x series; the series is named in the group when the rule names its base metric."""
+    for coords, group in frame.groupby([*SCOPE, "series"], dropna=False, sort=True):
+        group_coords = {k: (None if pd.isna(v) else v) for k, v in zip([*SCOPE, "series"], coords, strict=True)}
         if group_coords["steps"] is not None:
             group_coords["steps"] = int(group_coords["steps"])
+        if group_coords["series"] == rule.metric:
+            del group_coords["series"]
         yield group_coords, group
 
 
 def _per_image_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | None) -> list[Outcome]:
-    kind, tol = rule.bound
+    kind, _ = rule.bound
     outcomes = []
     if kind in ("min", "max"):
-        for group, rows in _groups(mine[mine["value"].notna()]):
+        for group, rows in _groups(mine, rule):
+            rows = rows[rows["value"].notna()]
             est = cluster_bootstrap(rows["value"].to_numpy(), rows["prompt"].to_numpy())
             outcomes.append(_decide(rule, group, est.mean, est.low, est.high, est.n, None))
         return outcomes
     assert baseline is not None
     theirs = _in_scope(baseline.per_image, rule)
-    pairs = mine.merge(theirs[[*COORDINATES, "metric", "value"]], on=[*COORDINATES, "metric"], suffixes=("", "_base"))
-    pairs = pairs[pairs["value"].notna() & pairs["value_base"].notna()]
-    if pairs.empty:
+    pairs = pair(mine, theirs[[c for c in theirs.columns if c not in ("key", "label")]],
+                 extra=["model", "steps", "series", "metric"], suffixes=("", "_base"))
+    if pairs.empty:  # not one image in common: the wrong baseline, not an inconclusive group
         raise UsageError(f"rule {rule.title}: no image pairs between the run and the baseline "
-                         "(same probe, model, prompt, seed, steps, strength)")
-    sign = _sign(rule)
-    for group, rows in _groups(pairs):
-        change = sign * (rows["value"] - rows["value_base"]).to_numpy()
+                         "(same probe, model, steps, prompt, text, variables, seed, strength)")
+    pairs = pairs[pairs["value"].notna() & pairs["value_base"].notna()]
+    by_group = {_group_id(group): rows for group, rows in _groups(pairs, rule)}
+    for group, _ in _groups(mine, rule):
+        rows = by_group.get(_group_id(group), pairs.iloc[:0])
+        if rows.empty:
+            outcomes.append(_nothing(rule, group, "no image pairs with the baseline that both have a value"))
+            continue
+        change = _sign(rule, str(rows["metric"].iloc[0])) * (rows["value"] - rows["value_base"]).to_numpy()
         est = cluster_bootstrap(change, rows["prompt"].to_numpy())
         outcomes.append(_decide(rule, group, est.mean, est.low, est.high, est.n, float(rows["value_base"].mean())))
     return outcomes
 
 
-def _sign(rule: Rule) -> float:
+def _group_id(group: dict[str, Any]) -> str:
+    return json.dumps({k: (float(v) if isinstance(v, int | float) else v) for k, v in group.items()}, sort_keys=True)
+
+
+def _sign(rule: Rule, metric: str) -> float:
     """+1 when the checked change is value - baseline, -1 when a drop of a higher-is-better metric is checked."""
     kind, _ = rule.bound
     if kind == "max_increase":
         return 1.0
-    return -1.0 if direction_of(rule.metric) != "lower" else 1.0
+    return -1.0 if direction_of(metric) != "lower" else 1.0
+
+
+def _se(row: pd.Series) -> float | None:
+    """A set row's standard error: `ci_se` from its record, else half its CI width over 1.96, else None."""
+    extra = row.get("extra")
+    if isinstance(extra, str) and extra:
+        se = json.loads(extra).get("ci_se")
+        if se is not None:
+            return float(se)
+    if "se" in row and not pd.isna(row["se"]):
+        return float(row["se"])
+    low, high = row.get("low"), row.get("high")
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return None
+    return float(high - low) / (2 * Z95)
 
 
 def _set_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | None) -> list[Outcome]:
-    """One outcome per set row (probe x model x steps x strength x group), matched to the same baseline row."""
+    """One outcome per set row (probe x model x steps x strength x group), matched to the same baseline row.
+
+    Against a baseline, the change's CI combines both runs' standard errors, sqrt(se² + se_base²), taking the
+    runs as independent samples (conservative when they share prompts and seeds); one run's alone when only
+    it has one.
+    """
     kind, _ = rule.bound
     outcomes = []
     for _, row in mine.iterrows():
         group = {k: (None if pd.isna(row[k]) else row[k]) for k in SCOPE}
         group["steps"] = None if group["steps"] is None else int(group["steps"])
+        if row["series"] != rule.metric:
+            group["series"] = row["series"]
         if isinstance(row.get("group"), str) and row["group"]:
             group.update(json.loads(row["group"]))
         low = None if pd.isna(row["low"]) else float(row["low"])
         high = None if pd.isna(row["high"]) else float(row["high"])
         value = float("nan") if pd.isna(row["value"]) else float(row["value"])
         if kind in ("min", "max"):
-            outcomes.append(_decide(rule, group, value, low, high, 1, None))
+            outcomes.append(_decide(rule, group, value, low, high, int(row["n"] or 0), None))
             continue
         assert baseline is not None
         match = _same_set(baseline.sets, row)
-        if match.empty:
+        if match.empty or pd.isna(match["value"].iloc[0]):
+            outcomes.append(_nothing(rule, group, "no value for this group in the baseline"))
             continue
         base = float(match["value"].iloc[0])
-        sign = _sign(rule)
-        bounds = sorted(sign * (b - base) for b in (low, high) if b is not None)
-        outcomes.append(_decide(rule, group, sign * (value - base), bounds[0] if bounds else None,
-                                bounds[-1] if bounds else None, 1, base))
-    if not outcomes:
-        raise UsageError(f"rule {rule.title}: no matching set-metric groups between the run and the baseline")
+        sign = _sign(rule, str(row["metric"]))
+        errors = [se for se in (_se(row), _se(match.iloc[0])) if se is not None]
+        change = sign * (value - base)
+        half = Z95 * float(np.sqrt(sum(se**2 for se in errors))) if errors else None
+        outcomes.append(_decide(rule, group, change, None if half is None else change - half,
+                                None if half is None else change + half, int(row["n"] or 0), base))
     return outcomes
 
 
 def _same_set(sets: pd.DataFrame, row: pd.Series) -> pd.DataFrame:
-    """Baseline rows with the same metric, probe, model, steps, strength and group (missing equals missing)."""
+    """Baseline rows with the same series, probe, model, steps, strength and group (missing equals missing)."""
     mask = pd.Series(True, index=sets.index)
-    for column in ("metric", "probe", "model", "steps", "strength", "group"):
+    for column in ("series", "probe", "model", "steps", "strength", "group"):
         value = row.get(column)
         empty = value is None or (not isinstance(value, str) and pd.isna(value)) or value == ""
         column_empty = sets[column].isna() | (sets[column] == "")
@@ -218,15 +283,25 @@ def _same_set(sets: pd.DataFrame, row: pd.Series) -> pd.DataFrame:
     return sets[mask]
 
 
+def _nothing(rule: Rule, group: dict[str, Any], why: str, estimate: float = float("nan"), n: int = 0,
+             base: float | None = None) -> Outcome:
+    """An inconclusive outcome: the rule had nothing to judge in this group (or no CI to judge it by)."""
+    _, tol = rule.bound
+    return Outcome(rule=rule.title, group=group, status="inconclusive", estimate=estimate, low=None, high=None,
+                   threshold=tol, n=n, detail=f"inconclusive: {why}", baseline=base)
+
+
 def _decide(rule: Rule, group: dict[str, Any], estimate: float, low: float | None, high: float | None, n: int,
             base: float | None) -> Outcome:
-    """Pass or fail one group; in significant mode the whole CI must lie beyond the tolerance to fail."""
+    """Pass, fail or inconclusive for one group; in significant mode the whole CI must lie beyond the tolerance."""
     kind, tol = rule.bound
-    if estimate is None or math.isnan(estimate):  # nothing to judge (e.g. a set too small): never a silent pass
-        return Outcome(rule=rule.title, group=group, passed=False, estimate=float("nan"), low=None, high=None,
-                       threshold=tol, n=n, detail="no value to check (metric missing for this group)", baseline=base)
+    if estimate is None or math.isnan(estimate):
+        return _nothing(rule, group, "no value to check (no scores, or every label unknown / no_person)")
     has_ci = low is not None and high is not None and not (math.isnan(low) or math.isnan(high))
-    significant = rule.mode == "significant" and has_ci
+    if rule.mode == "significant" and not has_ci:
+        return _nothing(rule, group, f"estimate {estimate:.4g} has no CI (fewer than 2 prompts or groups?); "
+                                     "use mode: strict to judge the point estimate", float(estimate), n, base)
+    significant = rule.mode == "significant"
     if kind == "min":
         failed = (high < tol) if significant else (estimate < tol)  # type: ignore[operator]
     else:  # max, max_drop, max_increase: the checked quantity must not exceed tol
@@ -235,6 +310,6 @@ def _decide(rule: Rule, group: dict[str, Any], estimate: float, low: float | Non
     ci = f" [{low:.4g}, {high:.4g}]" if has_ci else ""
     mode = "CI" if significant else "point estimate"
     detail = f"{what} {estimate:.4g}{ci} vs {kind} {tol:g} ({mode}, n={n})"
-    return Outcome(rule=rule.title, group=group, passed=not failed, estimate=float(estimate),
+    return Outcome(rule=rule.title, group=group, status="fail" if failed else "pass", estimate=float(estimate),
                    low=None if not has_ci else float(low), high=None if not has_ci else float(high),  # type: ignore[arg-type]
                    threshold=tol, n=n, detail=detail, baseline=base)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from probe.analysis.bias import BLS_REFERENCE, label_shares
+from probe.analysis.pairing import item_columns, pair
 from probe.analysis.stats import cluster_bootstrap
 from probe.errors import UsageError
 
@@ -32,24 +33,33 @@ SCOPE = ["probe", "model", "steps"]
 
 
 def gap_table(images: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One row per group with the gap column of `metric` (from the perceived_gender labels in `images`)."""
+    """One row per group and perceived_gender series with the gap column of `metric` (NaN: nothing labelled).
+
+    Rows are found by the base metric, so a configured `perceived_gender[prompts=...]` is gated like the
+    default one; each configuration (series) gets its own gaps.
+    """
     rows = images[images["metric"] == "perceived_gender"]
     if rows.empty:
         raise UsageError(f"rule on {metric}: the run has no perceived_gender labels")
     reference = BLS_REFERENCE[0] if BLS_REFERENCE[0] in rows.columns else None
-    shares = label_shares(rows, "perceived_gender", reference_column=reference, reference_scale=BLS_REFERENCE[1])
     column = BIAS_GAPS[metric]
-    if column not in shares.columns or (column == "reference_distance" and not shares[column].notna().any()):
-        raise UsageError(f"rule on {metric}: needs a reference share column ({BLS_REFERENCE[0]}) in the suite's attrs")
-    groups = [c for c in shares.columns if c in SCOPE or c.startswith("var_")]
-    return shares[[*groups, column]].rename(columns={column: "gap"})
+    tables = []
+    for series, labels in rows.groupby("series", sort=True):
+        shares = label_shares(labels.assign(metric="perceived_gender"), "perceived_gender",
+                              reference_column=reference, reference_scale=BLS_REFERENCE[1])
+        if column == "reference_distance" and not shares["reference"].notna().any():
+            raise UsageError(f"rule on {metric}: needs a reference share column ({BLS_REFERENCE[0]}) in the suite's "
+                             "attrs")
+        groups = [c for c in shares.columns if c in SCOPE or c.startswith("var_")]
+        tables.append(shares[[*groups, column]].rename(columns={column: "gap"}).assign(series=series))
+    return pd.concat(tables, ignore_index=True)
 
 
 def _baseline_images(baseline: Baseline, jobs: pd.DataFrame) -> pd.DataFrame:
     """The baseline's labels with the run's variables and attributes attached (same coordinates)."""
-    on = ["probe", "model", "prompt", "seed", "steps"]
+    on = [c for c in [*item_columns(baseline.per_image), "model", "steps"] if c in jobs.columns]
     extra = [c for c in jobs.columns if c.startswith(("var_", "attr_"))]
-    return baseline.per_image.merge(jobs[[*on, *extra]].drop_duplicates(on), on=on, how="inner")
+    return pair(baseline.per_image, jobs[[*on, *extra]].drop_duplicates(on), extra=["model", "steps"])
 
 
 def bias_outcomes(rule: Rule, images: pd.DataFrame, jobs: pd.DataFrame, baseline: Baseline | None,
@@ -63,11 +73,12 @@ def bias_outcomes(rule: Rule, images: pd.DataFrame, jobs: pd.DataFrame, baseline
         raise UsageError(f"rule {rule.title} compares with a baseline: pass --baseline FILE_OR_RUN_DIR")
     theirs = gap_table(_baseline_images(baseline, jobs), rule.metric)
     keys = [c for c in mine.columns if c != "gap"]
-    paired = mine.merge(theirs, on=keys, suffixes=("", "_base")).dropna(subset=["gap", "gap_base"])
-    if paired.empty:
-        raise UsageError(f"rule {rule.title}: no groups with labelled faces in both the run and the baseline")
+    # Groups with no labelled face on either side stay in (as NaN): they make their scope inconclusive.
+    paired = mine.merge(theirs, on=keys, suffixes=("", "_base"), how="left")
     sign = -1.0 if kind == "max_drop" and rule.metric == "feminine_share" else 1.0
-    return [_outcome(rule, group, sign * (rows["gap"] - rows["gap_base"]), decide, float(rows["gap_base"].mean()))
+    base = paired["gap_base"]
+    return [_outcome(rule, group, sign * (rows["gap"] - rows["gap_base"]), decide,
+                     float(base[rows.index].mean()) if base[rows.index].notna().any() else None)
             for group, rows in _groups(paired)]
 
 
@@ -82,9 +93,12 @@ def _scoped(frame: pd.DataFrame, rule: Rule) -> pd.DataFrame:
 
 
 def _groups(frame: pd.DataFrame) -> Any:
-    for coords, rows in frame.groupby(SCOPE, sort=True):
-        group = dict(zip(SCOPE, coords, strict=True))
+    several = frame["series"].nunique() > 1
+    for coords, rows in frame.groupby([*SCOPE, "series"], sort=True):
+        group = dict(zip([*SCOPE, "series"], coords, strict=True))
         group["steps"] = int(group["steps"])
+        if not several:
+            del group["series"]
         yield group, rows
 
 

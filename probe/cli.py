@@ -53,13 +53,14 @@ def run(
     cache_dir: Annotated[Path | None, typer.Option(help="Image cache (default: $PROBE_CACHE or the user cache).")] = None,
     new: Annotated[bool, typer.Option("--new", help="Start a new run folder instead of resuming one.")] = False,
     clip_model: Annotated[str | None, typer.Option(help="CLIP for all CLIP metrics: hub id, folder or 'tiny'.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (e.g. of a report that fails).")] = False,
 ) -> None:
     """Plan, generate what is not cached yet, score and write the report. Resumes interrupted runs."""
     from probe.progress import RichProgress
     from probe.runner import RunOptions, run_suite
 
     options = RunOptions(model_override=model, limit=limit, reports_root=out_dir, device=device,
-                         batch_size=batch_size, cache_dir=cache_dir, new_run=new, clip_model=clip_model)
+                         batch_size=batch_size, cache_dir=cache_dir, new_run=new, clip_model=clip_model, debug=debug)
     try:
         summary = run_suite(suite, options, RichProgress(err))
     except ProbeError as exc:
@@ -73,6 +74,8 @@ def run(
               f"failed {c.failed} in {summary.wall_seconds:.1f} s", highlight=False, soft_wrap=True)
     if summary.report is not None:
         out.print(f"report: {summary.report}", highlight=False, soft_wrap=True)
+    if summary.report_error is not None:
+        _report_failed(summary.run_dir, summary.report_error)
     if summary.failures:
         for failure in summary.failures[:20]:
             err.print(f"  failed {failure['model']} {failure['probe']} seed={failure['seed']} "
@@ -80,6 +83,14 @@ def run(
         if len(summary.failures) > 20:
             err.print(f"  ... and {len(summary.failures) - 20} more (see manifest.json)")
         raise typer.Exit(1)
+    if summary.report_error is not None:
+        raise typer.Exit(1)
+
+
+def _report_failed(run_dir: Path, why: str) -> None:
+    err.print(f"[bold red]error:[/] the report could not be rendered ({escape(why)}); the run's data is complete. "
+              f"Retry with `probe report {escape(str(run_dir))}` (--debug shows the traceback).", highlight=False,
+              soft_wrap=True)
 
 
 @app.command()
@@ -87,6 +98,7 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="Run directory, e.g. reports/smoke/latest.")],
     baseline: Annotated[Path | None, typer.Option(help="Another run directory to compare with (deltas).")] = None,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the report in a browser.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback when rendering fails.")] = False,
 ) -> None:
     """(Re)render index.html + assets/ inside a run directory from its files alone (no model needed)."""
     from probe.report import build_report
@@ -95,6 +107,13 @@ def report(
         path = build_report(run_dir, baseline)
     except ProbeError as exc:
         raise _fail(exc) from None
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, unless --debug
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] could not render the report of {escape(str(run_dir))}: "
+                  f"{escape(type(exc).__name__)}: {escape(str(exc).splitlines()[0] if str(exc) else '')} "
+                  "(--debug shows the traceback)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     out.print(f"report: {path}", highlight=False, soft_wrap=True)
     if open_browser:
         import webbrowser
@@ -114,13 +133,15 @@ def score(
     clip_model: Annotated[str, typer.Option(help="CLIP for all CLIP metrics: hub id, folder or 'tiny'.")] = DEFAULT_CLIP_MODEL,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps.")] = "cpu",
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache (default: $PROBE_CACHE or the user cache).")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (e.g. of a report that fails).")] = False,
 ) -> None:
     """Score images made elsewhere into a run directory that reports and notebooks read."""
     from probe.byo import ScoreRequest, score_images
     from probe.progress import RichProgress
 
     request = ScoreRequest(images=images, prompts=prompts, metrics=tuple(metrics or ["clip_score"]),
-                           reference=reference, out=out_dir, clip_model=clip_model, device=device, cache_dir=cache_dir)
+                           reference=reference, out=out_dir, clip_model=clip_model, device=device, cache_dir=cache_dir,
+                           debug=debug)
     progress = RichProgress(err)
     try:
         run_dir, counts = score_images(request, progress)
@@ -130,6 +151,11 @@ def score(
         progress.finish()
     out.print(f"scored {run_dir}: computed {counts['computed']}, reused {counts['reused']}", highlight=False,
               soft_wrap=True)
+    if counts["report"] is not None:
+        out.print(f"report: {counts['report']}", highlight=False, soft_wrap=True)
+    if counts["report_error"] is not None:
+        _report_failed(run_dir, counts["report_error"])
+        raise typer.Exit(1)
 
 
 @suites_app.command("validate")
@@ -184,10 +210,13 @@ def pull(name: Annotated[str, typer.Argument(help="Preset name, e.g. sd-turbo.")
     from probe.models.registry import get_preset
 
     try:
-        path = pull_preset(get_preset(name))
+        path = pull_preset(get_preset(name))  # wraps every download failure in a ProbeError
     except ProbeError as exc:
         raise _fail(exc) from None
-    out.print(f"{name}: cached at {path}")
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted:[/] files already downloaded are kept; run the same command to go on.")
+        raise typer.Exit(130) from None
+    out.print(f"{name}: cached at {path}", highlight=False, soft_wrap=True)
 
 
 @baseline_app.command("save")
@@ -214,6 +243,8 @@ def check(
     junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here (one test case per rule).")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown summary here (CI job summary).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON verdict here.")] = None,
+    allow_inconclusive: Annotated[bool, typer.Option(
+        "--allow-inconclusive", help="Pass groups with nothing to judge (no values, all labels unknown, no CI).")] = False,
 ) -> None:
     """Gate CI on the suite's `checks:` and --rule: exit 0 pass, 1 regression, 2 misuse."""
     from probe.api import load_run
@@ -226,7 +257,8 @@ def check(
         run = load_run(run_dir)
         suite = Suite.model_validate(run.manifest["suite"]) if run.manifest.get("suite", {}).get("probes") else None
         rules = (rules_from_checks(suite.checks) if suite else []) + [parse_rule(r) for r in rule or []]
-        verdict = evaluate(run, load_baseline(baseline) if baseline else None, rules)
+        verdict = evaluate(run, load_baseline(baseline) if baseline else None, rules,
+                           allow_inconclusive=allow_inconclusive)
     except ProbeError as exc:
         raise _fail(exc) from None
     _print_verdict(verdict)
@@ -240,42 +272,48 @@ def _print_verdict(verdict: object) -> None:
     from probe.check import Verdict
 
     assert isinstance(verdict, Verdict)
-    table = Table(title="probe check: " + ("[green]passed[/]" if verdict.passed else "[red]regression[/]"),
-                  title_justify="left")
+    title = "[green]passed[/]" if verdict.passed else "[red]regression[/]"
+    if verdict.inconclusive:
+        allowed = " (allowed)" if verdict.allow_inconclusive else "; --allow-inconclusive passes them"
+        title += f", {verdict.inconclusive} inconclusive{allowed}"
+    table = Table(title="probe check: " + title, title_justify="left")
     for column in ("rule", "group", "result", "detail"):
         table.add_column(column, overflow="fold")
+    shown = {"pass": "pass", "fail": "[bold red]FAIL[/]", "inconclusive": "[yellow]INCONCLUSIVE[/]"}
     for o in verdict.outcomes:
         group = " ".join(f"{k}={v}" for k, v in o.group.items() if v is not None)
-        table.add_row(escape(o.rule), escape(group), "pass" if o.passed else "[bold red]FAIL[/]", escape(o.detail))
+        table.add_row(escape(o.rule), escape(group), shown[o.status], escape(o.detail))
     out.print(table)
 
 
 @data_app.callback(invoke_without_command=True)
 def data(ctx: typer.Context) -> None:
-    """List the datasets, their licences and whether they are downloaded."""
+    """List the datasets, their licences, the shipped and pulled copies, and which one suites use."""
     if ctx.invoked_subcommand is not None:
         return
-    from probe.datasets import DATASETS, dataset_path
+    from probe.datasets import DATASETS, dataset_copies
 
     table = Table()
-    for column in ("dataset", "licence", "description", "downloaded"):
-        table.add_column(column)
-    for dataset in DATASETS.values():
-        path = dataset_path(dataset.name)
-        table.add_row(dataset.name, dataset.licence, dataset.description, str(path) if path.is_file() else "no")
+    for column in ("dataset", "licence", "description", "shipped", "pulled", "used"):
+        table.add_column(column, overflow="fold")
+    for name in DATASETS:
+        copies = dataset_copies(name)
+        used = "pulled" if copies.pulled else "shipped" if copies.shipped else "none"
+        table.add_row(name, copies.dataset.licence, copies.dataset.description, escape(str(copies.shipped or "no")),
+                      escape(str(copies.pulled or "no")), used)
     out.print(table)
 
 
 @data_app.command("pull")
 def data_pull(name: Annotated[str, typer.Argument(help="Dataset name, e.g. partiprompts.")]) -> None:
-    """Download a dataset into the user data folder (needs internet)."""
+    """Download a dataset into the data folder (needs internet); the pulled copy then wins over the shipped one."""
     from probe.datasets import pull as pull_dataset
 
     try:
         path = pull_dataset(name)
     except ProbeError as exc:
         raise _fail(exc) from None
-    out.print(f"{name}: saved to {path}")
+    out.print(f"{name}: saved to {path} (used instead of the shipped copy from now on)")
 
 
 def main() -> None:

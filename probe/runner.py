@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from probe.errors import UsageError
+from probe.errors import ProbeError, UsageError
 from probe.loader import LoadedSuite, load_suite
 from probe.manifest import build_manifest, finish_manifest
 from probe.metrics.catalog import DEFAULT_CLIP_MODEL
@@ -37,6 +37,7 @@ class RunOptions:
     cache_dir: Path | None = None
     new_run: bool = False
     clip_model: str | None = None
+    debug: bool = False
 
 
 class Progress(Protocol):
@@ -67,6 +68,8 @@ class RunSummary:
     resumed: bool
     failures: list[dict[str, str]] = field(default_factory=list)
     report: Path | None = None
+    report_error: str | None = None
+    """Why index.html could not be written (the run's data is complete; `probe report RUN` retries)."""
 
 
 def resolve_device(device: str | None) -> str:
@@ -93,8 +96,8 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     store = ImageStore(options.cache_dir)
     suite_root = options.reports_root / loaded.suite.name
     plan_hash = plan_sha256(jobs)
-    _preflight([j for j in jobs if not store.has(j.key)])  # before any folder is made or work started
-    scoring = prepare_scoring(loaded, jobs, options, device)
+    scoring = _preflight([j for j in jobs if not store.has(j.key)],  # before any folder is made or work started
+                         lambda: prepare_scoring(loaded, jobs, options, device))
     run = None if options.new_run else RunDir.find_resumable(suite_root, plan_hash)
     resumed = run is not None
     run = run or RunDir.create(suite_root)
@@ -119,20 +122,26 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     wall = time.time() - started
     run.write_manifest(finish_manifest(manifest, counts, failures, wall, metric_configs))
     run.update_latest()
-    report = render_report(run.path)
+    report, report_error = render_report(run.path, options.debug)
     return RunSummary(run_dir=run.path, counts=counts, wall_seconds=wall, resumed=resumed, failures=failures,
-                      report=report)
+                      report=report, report_error=report_error)
 
 
-def render_report(run_dir: Path) -> Path | None:
-    """index.html for the finished run; a report problem is logged, never fatal to a finished run."""
+def render_report(run_dir: Path, debug: bool = False) -> tuple[Path | None, str | None]:
+    """(index.html, None) for a finished run, or (None, why) when it cannot be rendered.
+
+    The run's data is complete and on disk either way, so the caller reports the problem in one line and
+    exits non-zero instead of losing the run; `debug` re-raises for the traceback.
+    """
     from probe.report import build_report
 
     try:
-        return build_report(run_dir)
-    except Exception:  # noqa: BLE001 - the run's data is safe on disk; `probe report` can retry
-        log.exception("could not render the report for %s (rerun `probe report %s`)", run_dir, run_dir)
-        return None
+        return build_report(run_dir), None
+    except Exception as exc:  # noqa: BLE001 - any report bug must not hide a finished run's data
+        if debug:
+            raise
+        log.debug("report of %s failed", run_dir, exc_info=True)
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def clip_model_for(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions) -> str:
@@ -153,7 +162,8 @@ def prepare_scoring(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOption
     from probe.scoring import prepare_metrics
 
     ctx = ScoringContext(features=FeatureCache(options.cache_dir), device=device,
-                         clip_model=clip_model_for(loaded, jobs, options), base_dir=loaded.base_dir)
+                         clip_model=clip_model_for(loaded, jobs, options), base_dir=loaded.base_dir,
+                         all_tiny=bool(jobs) and all(j.preset == "tiny" for j in jobs))
     specs = {p.name: list(p.metrics) for p in loaded.suite.probes if p.metrics}
     return Scoring(ctx=ctx, prepared=prepare_metrics(specs, ctx))
 
@@ -209,17 +219,29 @@ def _pending(jobs: Sequence[Job], results: dict[str, JobResult], store: ImageSto
     return list(todo.values())
 
 
-def _preflight(todo: Sequence[Job]) -> None:
-    """Fail before any generation if a model's weights are not available (no network waits)."""
-    if not todo:
-        return
-    from probe.models.loading import ensure_available
+def _preflight(todo: Sequence[Job], prepare: Callable[[], Scoring]) -> Scoring:
+    """Check that every pipeline and LoRA the run will load is on disk (without loading them), then build the
+    metrics with `prepare`; raise ONE ProbeError listing every problem of both, each with its fix, so a user
+    fixes everything in one go instead of meeting the problems one run at a time."""
+    problems: list[str] = []
+    if todo:
+        from probe.models.loading import job_problems
 
-    seen: set[tuple[object, ...]] = set()
-    for job in todo:
-        if job.pipeline_key not in seen:
-            seen.add(job.pipeline_key)
-            ensure_available(job)
+        seen: set[tuple[object, ...]] = set()
+        for job in todo:
+            if job.pipeline_key not in seen:
+                seen.add(job.pipeline_key)
+                problems += [p for p in job_problems(job) if p not in problems]  # jobs share LoRAs and bases
+    try:
+        scoring = prepare()
+    except ProbeError as error:
+        if not problems:
+            raise
+        problems.append(str(error))
+    if problems:
+        items = "\n".join("  - " + problem.replace("\n", "\n    ") for problem in problems)
+        raise ProbeError(f"cannot start the run, nothing was generated; {len(problems)} problem(s):\n{items}")
+    return scoring
 
 
 def _batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:

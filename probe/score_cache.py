@@ -5,8 +5,9 @@ A score id names the image and what it is scored against (prompt, target text): 
 A metric may write several rows per image (ocr writes ocr_exact, ocr_cer, ...); they are kept together.
 
 Like the image store, so re-running a suite (or another suite over the same images) re-scores nothing.
-One append-only JSONL file per metric configuration under `<cache>/scores/`; each append is fsynced, and
-a torn last line from a kill is skipped when read.
+One append-only JSONL file per metric configuration under `<cache>/scores/<config_id>.jsonl` (named by the
+configuration's hash, never by its label, which can be long or hold any character); each append is fsynced,
+and a torn last line from a kill is skipped when read.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ class ScoreCache:
         self.root = Path(cache_root) / "scores"
         self._loaded: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
-    def _path(self, metric: str, config_id: str) -> Path:
-        return self.root / f"{metric}-{config_id}.jsonl"
+    def _path(self, config_id: str) -> Path:
+        return self.root / f"{config_id}.jsonl"
 
-    def rows(self, metric: str, config_id: str) -> dict[str, list[dict[str, Any]]]:
+    def rows(self, config_id: str) -> dict[str, list[dict[str, Any]]]:
         """Cached rows of one configuration, by score id."""
-        name = f"{metric}-{config_id}"
+        name = config_id
         if name not in self._loaded:
             found: dict[str, list[dict[str, Any]]] = {}
-            path = self._path(metric, config_id)
+            path = self._path(config_id)
             if path.is_file():
                 for line in path.read_text(encoding="utf-8").splitlines():
                     try:
@@ -45,16 +46,16 @@ class ScoreCache:
             self._loaded[name] = found
         return self._loaded[name]
 
-    def add(self, metric: str, config_id: str, rows: list[dict[str, Any]]) -> None:
+    def add(self, config_id: str, rows: list[dict[str, Any]]) -> None:
         """Append rows (each with a `score_id`) and force them to disk."""
         if not rows:
             return
-        path = self._path(metric, config_id)
+        path = self._path(config_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
             handle.write("".join(json.dumps(r, default=str) + "\n" for r in rows))
             handle.flush()
             os.fsync(handle.fileno())
-        loaded = self.rows(metric, config_id)
+        loaded = self.rows(config_id)
         for row in rows:
             loaded.setdefault(row["score_id"], []).append(row)

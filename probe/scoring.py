@@ -1,9 +1,14 @@
 """Scoring stage: run directory images -> scores.parquet (long format), incrementally.
 
 Per-image metrics score each image key once per metric configuration; set metrics score each group
-(probe x model x steps x strength, plus any `group_by` variables) against its reference, with a bootstrap
-CI over prompts from resampled feature rows. Scores already in scores.parquet with the same configuration
-are never recomputed, so an interrupted or repeated run only does what is missing.
+(probe x model x steps x strength, plus any `group_by` variables) against its reference, with a jackknife
+CI over prompts from the feature rows (probe.metrics.set_ci). Scores already in scores.parquet with the same
+configuration are never recomputed, so an interrupted or repeated run only does what is missing.
+
+A metric's identity is data: every row carries `metric` (the base name the metric writes: fid, ocr_cer,
+perceived_gender), `args` (the suite's arguments as canonical JSON, "" for none), `config_id` (a hash of the
+whole resolved configuration) and `series`, the display label derived from the first two
+(`fid[features=clip]`). Results group by series; directions, bias sections and gates look up `metric`.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probe.analysis.stats import CONFIDENCE
+from probe.errors import ProbeError
 from probe.loader import image_files
 from probe.metrics.base import ImageItem, ImageMetric, Score, ScoringContext, SetMetric, build_metric
+from probe.metrics.set_ci import METHOD, make_design
 from probe.score_cache import ScoreCache
 from probe.suite import MetricSpec
 from probe.tables import score_ids, write_parquet_atomic
@@ -30,8 +36,8 @@ log = logging.getLogger(__name__)
 
 SCORES = "scores.parquet"
 CHUNK = 64
-SCORE_COLUMNS = ["metric", "config_id", "score_id", "key", "value", "low", "high", "label", "text", "probe", "model", "steps",
-                 "strength", "group", "reference", "set_hash", "n", "n_reference", "extra"]
+SCORE_COLUMNS = ["metric", "args", "series", "config_id", "score_id", "key", "value", "low", "high", "label", "text",
+                 "probe", "model", "steps", "strength", "group", "reference", "set_hash", "n", "n_reference", "extra"]
 
 
 @dataclass
@@ -44,10 +50,15 @@ class ScoreCounts:
 
 
 def metric_label(name: str, args: dict[str, Any]) -> str:
-    """Row name of a metric in results: the name, with its args when a suite gives any ('fid[features=clip]')."""
+    """Display label (the `series`) of a metric: the name, with its args when a suite gives any ('fid[features=clip]')."""
     if not args:
         return name
     return f"{name}[" + ",".join(f"{k}={args[k]}" for k in sorted(args)) + "]"
+
+
+def canonical_args(args: dict[str, Any]) -> str:
+    """The `args` column: a metric's suite arguments as canonical JSON ("" when there are none)."""
+    return json.dumps(args, sort_keys=True, separators=(",", ":"), default=str) if args else ""
 
 
 def config_id(config: dict[str, Any]) -> str:
@@ -56,8 +67,18 @@ def config_id(config: dict[str, Any]) -> str:
 
 
 def read_scores(run_dir: Path) -> pd.DataFrame:
+    """scores.parquet; tables of older runs (a label in `metric`, no `series`) are upgraded on read."""
     path = run_dir / SCORES
-    return pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=SCORE_COLUMNS)
+    if not path.is_file():
+        return pd.DataFrame(columns=SCORE_COLUMNS)
+    frame = pd.read_parquet(path)
+    missing = frame["series"].isna() if "series" in frame.columns else pd.Series(True, index=frame.index)
+    if missing.any():
+        labels = frame["metric"].astype(str)
+        frame["series"] = frame["series"].where(~missing, labels) if "series" in frame.columns else labels
+        frame["metric"] = frame["metric"].where(~missing, labels.str.split("[", n=1).str[0])
+        frame["args"] = frame["args"].astype(object).fillna("") if "args" in frame.columns else ""
+    return frame
 
 
 class _ScoreWriter:
@@ -67,11 +88,13 @@ class _ScoreWriter:
         self.run_dir = run_dir
         self.frame = read_scores(run_dir)
 
-    def add(self, rows: list[dict[str, Any]]) -> None:
+    def add(self, rows: list[dict[str, Any]], replace: pd.Series | None = None) -> None:
+        """Append rows; `replace` (a mask over the current frame) drops stale rows in the same atomic write."""
         if not rows:
             return
         new = pd.DataFrame(rows, columns=SCORE_COLUMNS)
-        self.frame = new if self.frame.empty else pd.concat([self.frame, new], ignore_index=True)
+        kept = self.frame if replace is None else self.frame[~replace]
+        self.frame = new if kept.empty else pd.concat([kept, new], ignore_index=True)
         write_parquet_atomic(self.frame, self.run_dir / SCORES)
 
 
@@ -87,13 +110,29 @@ class PreparedMetric:
 
 
 def prepare_metrics(specs: dict[str, list[MetricSpec]], ctx: ScoringContext) -> list[PreparedMetric]:
-    """Build every metric and resolve its configuration (loads CLIP / Inception): fails fast on missing weights."""
+    """Build every metric and resolve its configuration (loads CLIP / Inception): fails fast on missing weights.
+
+    Every metric is tried, and all their ProbeErrors come back as one (each distinct problem once, with the
+    metrics that need it), so one attempt shows everything that is missing.
+    """
     prepared = []
+    failures: dict[str, list[str]] = {}  # message -> metric@probe names that hit it
+    first: ProbeError | None = None
     for probe, probe_specs in specs.items():
         for spec in probe_specs:
-            metric = build_metric(spec.name, spec.args)
-            config = {"name": spec.name, "args": spec.args, **metric.config(ctx)}
+            try:
+                metric = build_metric(spec.name, spec.args)
+                config = {"name": spec.name, "args": spec.args, **metric.config(ctx)}
+            except ProbeError as error:
+                first = first or error
+                failures.setdefault(str(error), []).append(f"{metric_label(spec.name, spec.args)} in {probe}")
+                continue
             prepared.append(PreparedMetric(probe, spec, metric, config, config_id(config)))
+    if first is not None and len(failures) == 1:
+        raise first  # one problem: keep its type (a UsageError exits 2) and its message as they were
+    if failures:
+        lines = [f"  - {message} (needed by {', '.join(users)})" for message, users in failures.items()]
+        raise ProbeError(f"{len(failures)} metric problems:\n" + "\n".join(lines))
     return prepared
 
 
@@ -109,10 +148,9 @@ def score_run(
         name = metric_label(item.spec.name, item.spec.args)
         counts.configs[name] = {**item.config, "config_id": item.config_id}
         if isinstance(item.metric, SetMetric):
-            done = _score_sets(item.metric, item.spec, item.config_id, name, item.probe, rows, run_dir, ctx, writer,
-                               progress)
+            done = _score_sets(item, name, rows, run_dir, ctx, writer, progress)
         else:
-            done = _score_images(item.metric, item.config_id, name, item.probe, rows, run_dir, ctx, writer, progress)
+            done = _score_images(item, name, rows, run_dir, ctx, writer, progress)
         counts.computed[name] = counts.computed.get(name, 0) + done[0]
         counts.reused[name] = counts.reused.get(name, 0) + done[1]
     return counts
@@ -145,45 +183,48 @@ def _rounds(todo: list[tuple[str, ImageItem]]) -> list[list[tuple[str, ImageItem
     return rounds
 
 
-def _score_images(metric: ImageMetric, cid: str, label: str, probe: str, rows: pd.DataFrame, run_dir: Path,
-                  ctx: ScoringContext, writer: _ScoreWriter, progress: Any) -> tuple[int, int]:
+def _score_images(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
+                  writer: _ScoreWriter, progress: Any) -> tuple[int, int]:
+    assert isinstance(item.metric, ImageMetric)
+    cid = item.config_id
     existing = writer.frame
     have = set(existing.loc[existing["config_id"] == cid, "score_id"])  # a config id names one configuration
     items = _scored_items(rows, run_dir)
     cache = ScoreCache(ctx.features.root.parent)
-    cached = cache.rows(label, cid)
+    cached = cache.rows(cid)
     writer.add([row for sid in items if sid not in have and sid in cached for row in cached[sid]])
-    todo = [(sid, item) for sid, item in items.items() if sid not in have and sid not in cached]
+    todo = [(sid, image) for sid, image in items.items() if sid not in have and sid not in cached]
     if progress is not None and todo:
-        progress.group(f"score {label} ({probe})", len(todo))
+        progress.group(f"score {label} ({item.probe})", len(todo))
     for chunk in _rounds(todo):
-        by_key = {item.key: sid for sid, item in chunk}
-        scores = metric.score([item for _, item in chunk], ctx)
-        new_rows = [_image_row(s, cid, label, by_key[s.key]) for s in scores if s.key is not None]
+        by_key = {image.key: sid for sid, image in chunk}
+        scores = item.metric.score([image for _, image in chunk], ctx)
+        new_rows = [_image_row(s, item, by_key[s.key]) for s in scores if s.key is not None]
         writer.add(new_rows)
-        cache.add(label, cid, new_rows)
+        cache.add(cid, new_rows)
         if progress is not None:
             progress.advance(len(chunk))
     return len(todo), len(items) - len(todo)
 
 
-def _image_row(score: Score, cid: str, label: str, sid: str) -> dict[str, Any]:
-    """A scores.parquet row; a metric writing several rows (ocr) keeps their names, suffixed like its label."""
-    name = score.metric + label[len(label.split("[")[0]):]
-    return {"metric": name, "config_id": cid, "score_id": sid, "key": score.key, "value": score.value,
-            "label": score.label, "text": score.text, "extra": json.dumps(score.extra, default=str) if score.extra else None}
+def _image_row(score: Score, item: PreparedMetric, sid: str) -> dict[str, Any]:
+    """A scores.parquet row; a metric writing several rows (ocr) keeps their names as `metric`, one config."""
+    return {"metric": score.metric, "args": canonical_args(item.spec.args),
+            "series": metric_label(score.metric, item.spec.args), "config_id": item.config_id, "score_id": sid,
+            "key": score.key, "value": score.value, "label": score.label, "text": score.text,
+            "extra": json.dumps(score.extra, default=str) if score.extra else None}
 
 
-def _score_sets(metric: SetMetric, spec: MetricSpec, cid: str, label: str, probe: str, rows: pd.DataFrame, run_dir: Path,
-                ctx: ScoringContext, writer: _ScoreWriter, progress: Any) -> tuple[int, int]:
-    """One row per group: value, bootstrap CI over prompts, sizes; skipped if already there unchanged."""
-    assert spec.reference is not None
+def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
+                writer: _ScoreWriter, progress: Any) -> tuple[int, int]:
+    """One row per group: value, jackknife CI over prompts, sizes; skipped if already there unchanged."""
+    spec = item.spec
+    assert spec.reference is not None and isinstance(item.metric, SetMetric)
     by = ["model", "steps", "strength", *(f"var_{g}" for g in spec.group_by)]
     groups = list(rows.groupby(by, dropna=False, sort=False))
     if progress is not None and groups:
-        progress.group(f"score {label} ({probe})", len(groups))
+        progress.group(f"score {label} ({item.probe})", len(groups))
     computed = reused = 0
-    existing = writer.frame
     references: dict[str, np.ndarray] = {}  # one array per reference set, so metrics reuse its statistics
     for values, group in groups:
         coords = dict(zip(by, values if isinstance(values, tuple) else (values,), strict=True))
@@ -194,22 +235,34 @@ def _score_sets(metric: SetMetric, spec: MetricSpec, cid: str, label: str, probe
             progress.advance(1)
         if {i.key for i in items} == {i.key for i in reference_items} or not reference_items:
             continue  # the reference itself, or nothing to compare with
-        if ((existing["metric"] == label) & (existing["config_id"] == cid) & (existing["set_hash"] == set_hash)
-                & (existing["probe"] == probe)).any():
+        existing = writer.frame
+        same_group = _same_group(existing, label, item.probe, coords)
+        if (same_group & (existing["config_id"] == item.config_id) & (existing["set_hash"] == set_hash)).any():
             reused += 1
             continue
         ref_id = _set_hash([], reference_items)
         if ref_id not in references:
-            references[ref_id] = metric.embed(reference_items, ctx)
-        writer.add([_set_row(metric, cid, label, probe, coords, group, items, references[ref_id], reference_items,
-                             reference_name, set_hash, ctx)])
+            references[ref_id] = item.metric.embed(reference_items, ctx)
+        row = _set_row(item, label, coords, items, references[ref_id], reference_items, reference_name, set_hash, ctx)
+        writer.add([row], replace=same_group)  # a group whose images changed replaces its stale row
         computed += 1
     return computed, reused
 
 
-def _set_row(metric: SetMetric, cid: str, label: str, probe: str, coords: dict[str, Any], group: pd.DataFrame,
-             items: list[ImageItem], reference: np.ndarray, reference_items: list[ImageItem], reference_name: str,
-             set_hash: str, ctx: ScoringContext) -> dict[str, Any]:
+def _same_group(frame: pd.DataFrame, label: str, probe: str, coords: dict[str, Any]) -> pd.Series:
+    """Set rows of this series and group (any configuration), missing coordinates equal to missing."""
+    mask = (frame["series"] == label) & (frame["probe"] == probe) & frame["key"].isna()
+    for column in ("model", "steps", "strength"):
+        value = coords[column]
+        mask &= frame[column].isna() if pd.isna(value) else frame[column] == value
+    variables = {k: v for k, v in coords.items() if k.startswith("var_")}
+    return mask & (frame["group"].astype(object).fillna("") == (json.dumps(variables) if variables else ""))
+
+
+def _set_row(item: PreparedMetric, label: str, coords: dict[str, Any], items: list[ImageItem], reference: np.ndarray,
+             reference_items: list[ImageItem], reference_name: str, set_hash: str, ctx: ScoringContext) -> dict[str, Any]:
+    metric = item.metric
+    assert isinstance(metric, SetMetric)
     features = metric.embed(items, ctx)
     value: float | None = None
     low: float | None = None
@@ -217,46 +270,26 @@ def _set_row(metric: SetMetric, cid: str, label: str, probe: str, coords: dict[s
     try:
         point, extra = metric.compare(features, reference)
     except ValueError as exc:  # e.g. a group too small for the metric: recorded, not fatal
-        log.warning("%s for %s/%s steps=%s: %s", metric.name, probe, coords["model"], coords["steps"], exc)
+        log.warning("%s for %s/%s steps=%s: %s", metric.name, item.probe, coords["model"], coords["steps"], exc)
         extra = {"error": str(exc)}
     else:
-        prompts = group.drop_duplicates("key").set_index("key").loc[[i.key for i in items], "prompt"].to_numpy()
-        value = point
-        low, high = _bootstrap_set(metric, features, reference, prompts, point)
-        extra = {**extra, "ci_resamples": metric.ci_resamples, "ci": "basic bootstrap over prompts of the evaluated set"}
+        paired = item.spec.reference is not None and item.spec.reference.model is not None
+        design = make_design(np.array([i.prompt for i in items]),
+                             np.array([i.prompt for i in reference_items]) if paired else None,
+                             max_groups=metric.ci_groups, n_reference=len(reference_items))
+        interval = metric.interval(features, reference, design, point, extra)
+        value, low, high = point, interval.low, interval.high
+        extra = {**extra, "ci": METHOD, "ci_groups": design.n_x_groups, "ci_df": interval.df, "ci_se": interval.se,
+                 "ci_design": "paired prompts" if paired else "independent reference",
+                 **({"ci_reason": interval.reason} if interval.reason else {})}
     variables = {k: v for k, v in coords.items() if k.startswith("var_")}
-    return {"metric": label, "config_id": cid, "key": None, "value": value, "low": low, "high": high,
-            "probe": probe, "model": coords["model"], "steps": coords["steps"],
+    return {"metric": item.spec.name, "args": canonical_args(item.spec.args), "series": label,
+            "config_id": item.config_id, "key": None, "value": value, "low": low, "high": high,
+            "probe": item.probe, "model": coords["model"], "steps": coords["steps"],
             "strength": None if pd.isna(coords["strength"]) else coords["strength"],
             "group": json.dumps(variables) if variables else None,
             "reference": reference_name, "set_hash": set_hash, "n": len(items),
             "n_reference": len(reference_items), "extra": json.dumps(extra, default=str)}
-
-
-def _bootstrap_set(metric: SetMetric, features: np.ndarray, reference: np.ndarray, prompts: np.ndarray,
-                   value: float) -> tuple[float | None, float | None]:
-    """Percentile CI of the set metric, resampling the evaluated set's prompts (clusters) with replacement."""
-    labels, inverse = np.unique(prompts, return_inverse=True)
-    if len(labels) < 2 or metric.ci_resamples < 2:
-        return None, None
-    members = [np.flatnonzero(inverse == c) for c in range(len(labels))]
-    rng = np.random.default_rng(0)
-    stats = []
-    for _ in range(metric.ci_resamples):
-        picks = rng.integers(0, len(labels), size=len(labels))
-        index = np.concatenate([members[p] for p in picks])
-        try:
-            stats.append(metric.compare(features[index], reference)[0])
-        except ValueError:
-            continue  # a resample too small for the metric (e.g. KID subsets); skip it
-    if len(stats) < 2:
-        return None, None
-    # Basic (reverse-percentile) interval: resampling with replacement duplicates images, which biases
-    # distance estimators such as biased MMD or FID upwards; reflecting the quantiles around the point
-    # estimate cancels that shift. Distances are >= 0, so the lower end is clipped at 0.
-    alpha = (1 - CONFIDENCE) / 2
-    q_low, q_high = np.quantile(stats, [alpha, 1 - alpha])
-    return max(0.0, float(2 * value - q_high)), float(2 * value - q_low)
 
 
 def _reference(spec: MetricSpec, rows: pd.DataFrame, coords: dict[str, Any], run_dir: Path,
@@ -269,6 +302,8 @@ def _reference(spec: MetricSpec, rows: pd.DataFrame, coords: dict[str, Any], run
     mask = rows["model"] == ref.model
     if ref.steps is not None:
         mask &= rows["steps"] == ref.steps
+    if not pd.isna(coords["strength"]) and (rows.loc[mask, "strength"] == coords["strength"]).any():
+        mask &= rows["strength"] == coords["strength"]  # img2img: the reference at the same strength, not pooled
     for column, value in coords.items():
         if column.startswith("var_"):
             mask &= rows[column] == value

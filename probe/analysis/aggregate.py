@@ -12,28 +12,39 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from probe.analysis.pairing import pair
 from probe.analysis.stats import cluster_bootstrap, paired_delta
 from probe.tables import score_ids
 
 GRID = ["probe", "model", "steps", "strength"]
-AGGREGATE_COLUMNS = [*GRID, "metric", "kind", "mean", "low", "high", "n_prompts", "n_images", "n_truncated", "reference",
-                     "group"]
-DELTA_COLUMNS = ["probe", "metric", "model", "steps", "baseline", "baseline_steps", "strength", "mean", "low", "high",
-                 "n_pairs", "n_prompts", "excludes_zero"]
+AGGREGATE_COLUMNS = [*GRID, "series", "metric", "kind", "mean", "low", "high", "n_prompts", "n_images", "n_truncated",
+                     "reference", "group"]
+DELTA_COLUMNS = ["probe", "series", "metric", "model", "steps", "baseline", "baseline_steps", "strength", "mean", "low",
+                 "high", "n_pairs", "n_prompts", "excludes_zero"]
+
+
+def with_series(frame: pd.DataFrame) -> pd.DataFrame:
+    """Tables written before metric identity was data (a label in `metric`, no `series`), upgraded on read."""
+    if "series" in frame.columns or "metric" not in frame.columns:
+        return frame
+    frame = frame.copy()
+    frame["series"] = frame["metric"]
+    frame["metric"] = frame["metric"].astype(str).str.split("[", n=1).str[0]
+    return frame
 
 
 def latest_config(scores: pd.DataFrame) -> pd.DataFrame:
-    """Keep, per metric, only rows of the configuration written last (a re-score with a new CLIP wins)."""
+    """Keep, per series, only rows of the configuration written last (a re-score with a new CLIP wins)."""
     if scores.empty:
         return scores
-    last = scores.groupby("metric")["config_id"].last()
-    return scores[scores["config_id"] == scores["metric"].map(last)]
+    last = scores.groupby("series")["config_id"].last()
+    return scores[scores["config_id"] == scores["series"].map(last)]
 
 
 def per_image(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     """Per-image scores joined to their jobs: one row per (job, metric) with value, label and text."""
     rows = latest_config(scores)
-    rows = rows[rows["key"].notna()][["metric", "score_id", "value", "label", "text", "extra"]]
+    rows = rows[rows["key"].notna()][["series", "metric", "score_id", "value", "label", "text", "extra"]]
     usable = jobs[jobs["image"].notna()]
     usable = usable.assign(score_id=score_ids(usable))  # image + prompt + target text: what each row was scored as
     return usable.merge(rows.rename(columns={"text": "score_text"}), on="score_id", how="inner")
@@ -44,17 +55,19 @@ def aggregate(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     records = []
     frame = per_image(jobs, scores)
     frame = frame[frame["value"].notna()]
-    for coords, group in frame.groupby([*GRID, "metric"], dropna=False, sort=True):
+    for coords, group in frame.groupby([*GRID, "series"], dropna=False, sort=True):
         est = cluster_bootstrap(group["value"].to_numpy(), group["prompt"].to_numpy())
         truncated = int(group["extra"].fillna("").str.contains('"truncated": true', regex=False).sum())
-        records.append({**dict(zip([*GRID, "metric"], coords, strict=True)), "kind": "image", "mean": est.mean,
+        records.append({**dict(zip([*GRID, "series"], coords, strict=True)), "metric": group["metric"].iloc[0],
+                        "kind": "image", "mean": est.mean,
                         "low": est.low, "high": est.high, "n_prompts": est.n_clusters, "n_images": est.n,
                         "n_truncated": truncated, "reference": None, "group": None})
     sets = latest_config(scores)
     sets = sets[sets["key"].isna()] if not sets.empty else sets
     for row in sets.itertuples():
         records.append({"probe": row.probe, "model": row.model, "steps": row.steps, "strength": row.strength,
-                        "metric": row.metric, "kind": "set", "mean": row.value, "low": row.low, "high": row.high,
+                        "series": row.series, "metric": row.metric, "kind": "set", "mean": row.value, "low": row.low,
+                        "high": row.high,
                         "n_prompts": _n_prompts(jobs, row), "n_images": row.n, "n_truncated": None,
                         "reference": row.reference, "group": row.group})
     out = pd.DataFrame(records, columns=AGGREGATE_COLUMNS)
@@ -71,25 +84,24 @@ def _n_prompts(jobs: pd.DataFrame, row: Any) -> int:
     """Distinct prompts behind a set-metric row (its probe, model, steps, strength and group)."""
     mask = (jobs["probe"] == row.probe) & (jobs["model"] == row.model)
     mask &= _same(jobs["steps"], row.steps) & _same(jobs["strength"], row.strength)
-    for column, value in json.loads(row.group or "{}").items():
+    for column, value in json.loads(row.group if isinstance(row.group, str) and row.group else "{}").items():
         mask &= jobs[column] == value
     return int(jobs.loc[mask, "prompt"].nunique())
 
 
 def paired_deltas(jobs: pd.DataFrame, scores: pd.DataFrame, subject: str) -> pd.DataFrame:
-    """Subject minus each baseline per metric, paired by (prompt, seed, strength, init image), CI by prompt."""
+    """Subject minus each baseline per series, paired by `probe.analysis.pairing.ITEM`, CI by prompt."""
     frame = per_image(jobs, scores)
     frame = frame[frame["value"].notna()]
-    pair_on = ["probe", "metric", "prompt", "seed", "strength", "init_image"]
     mine = frame[frame["model"] == subject]
     records = []
     for baseline in [m for m in frame["model"].unique() if m != subject]:
-        theirs = frame[frame["model"] == baseline]
-        merged = mine.merge(theirs, on=pair_on, suffixes=("", "_b"), how="inner")
-        for coords, group in merged.groupby(["probe", "metric", "steps", "steps_b", "strength"], dropna=False):
-            probe, metric, steps, steps_b, strength = coords
+        merged = pair(mine, frame[frame["model"] == baseline], extra=["series", "metric"])
+        for coords, group in merged.groupby(["probe", "series", "metric", "steps", "steps_b", "strength"], dropna=False):
+            probe, series, metric, steps, steps_b, strength = coords
             est = paired_delta(group["value"].to_numpy(), group["value_b"].to_numpy(), group["prompt"].to_numpy())
-            records.append({"probe": probe, "metric": metric, "model": subject, "steps": steps, "baseline": baseline,
+            records.append({"probe": probe, "series": series, "metric": metric, "model": subject, "steps": steps,
+                            "baseline": baseline,
                             "baseline_steps": steps_b, "strength": strength, "mean": est.mean, "low": est.low,
                             "high": est.high, "n_pairs": est.n, "n_prompts": est.n_clusters,
                             "excludes_zero": bool(not np.isnan(est.low) and est.excludes_zero)})

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from probe.analysis.pairing import item_columns, pair
 from probe.analysis.stats import CONFIDENCE, N_RESAMPLES, cluster_bootstrap
 
 MONK_TONES: tuple[str, ...] = tuple(f"monk_{i}" for i in range(1, 11))
@@ -68,7 +69,14 @@ def scheme_for(metric: str, frame: pd.DataFrame | None = None) -> LabelScheme:
 
 
 def _metric_rows(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    rows = frame[frame["metric"] == metric].copy()
+    """Rows of one series: `metric` names a series (perceived_gender[prompts=...]) or a base metric with one."""
+    if "series" in frame.columns and (frame["series"] == metric).any():
+        rows = frame[frame["series"] == metric].copy()
+    else:
+        rows = frame[frame["metric"] == metric].copy()
+        if "series" in rows.columns and rows["series"].nunique() > 1:
+            raise ValueError(f"{metric} has several configurations ({', '.join(sorted(rows['series'].unique()))}): "
+                             "name one")
     rows["label"] = rows["label"].where(rows["label"].notna(), MISSING).astype(str)
     return rows
 
@@ -291,7 +299,7 @@ def paired_share_deltas(
 ) -> pd.DataFrame:
     """Subject minus each baseline in the share of `label` among labelled images, on paired images.
 
-    Images pair by (probe, prompt, seed, strength, init image) where both models have one, for every pair of
+    Images pair by `probe.analysis.pairing.ITEM` where both models have one, for every pair of
     step counts; each model's share is taken among its own labelled images of the pairs (so, with every image
     paired, delta equals the difference of `label_shares`). The CI resamples clusters of pairs jointly, which
     keeps the pairing: seeds within one prompt, prompts when a group pools several.
@@ -306,12 +314,11 @@ def paired_share_deltas(
     rows["_lab"] = rows["label"].isin(scheme.labelled).astype(float)
     rows["_pos"] = (rows["label"] == label).astype(float)
     by = list(group_by) if group_by is not None else sorted(c for c in rows.columns if c.startswith("var_"))
-    pair_on = [c for c in ("probe", "prompt", "seed", "strength", "init_image") if c in rows]
     mine = rows[rows["model"] == subject]
     records = []
     for baseline in sorted(m for m in rows["model"].unique() if m != subject):
-        theirs = rows.loc[rows["model"] == baseline, [*pair_on, "steps", "_lab", "_pos"]]
-        merged = mine.merge(theirs, on=pair_on, suffixes=("", "_b"), how="inner")
+        theirs = rows.loc[rows["model"] == baseline, [*item_columns(rows), "steps", "_lab", "_pos"]]
+        merged = pair(mine, theirs)
         for coords, group in merged.groupby(["probe", "steps", "steps_b", *by], dropna=False, sort=True):
             head = _coords(["probe", "steps", "baseline_steps", *by], coords)
             record = {**head, "model": subject, "baseline": baseline, "metric": metric, "label": label}

@@ -104,15 +104,16 @@ def bias_section(data: RunData) -> dict[str, Any] | None:
     order = {m: i for i, m in enumerate(data.models)}
     section: dict[str, Any] = {"gender": [], "gender_deltas": [], "monk": [], "monk_groups": [],
                                "colours": list(enumerate(MONK_COLOURS, start=1)), "thresholds": _thresholds(data)}
-    if (frame["metric"] == GENDER).any():
-        section["gender"] = _gender_rows(frame, data)
-        section["gender_deltas"] = _gender_deltas(frame, data.subject)
+    # Found by the base metric, one pass per configuration (series), so perceived_gender[prompts=...] shows too.
+    for _, rows in frame[frame["metric"] == GENDER].groupby("series", sort=True):
+        section["gender"] += _gender_rows(rows, data)
+        section["gender_deltas"] += _gender_deltas(rows, data.subject)
         section["has_reference"] = any(r["reference"] != fmt_pct(None) for r in section["gender"])
-    if (frame["metric"] == SKIN).any():
-        section["monk"] = _monk_rows(frame, ["probe", "model", "steps"], order)
-        by_var = sorted(c for c in frame.columns if c.startswith("var_"))
+    by_var = sorted(c for c in frame.columns if c.startswith("var_"))
+    for _, rows in frame[frame["metric"] == SKIN].groupby("series", sort=True):
+        section["monk"] += _monk_rows(rows, ["probe", "model", "steps"], order)
         if by_var:
-            section["monk_groups"] = _monk_rows(frame, ["probe", "model", "steps", *by_var], order)[:MAX_ROWS]
+            section["monk_groups"] += _monk_rows(rows, ["probe", "model", "steps", *by_var], order)[:MAX_ROWS]
     return section
 
 

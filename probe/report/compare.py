@@ -13,7 +13,7 @@ import pandas as pd
 from probe.report.data import RunData
 from probe.report.fmt import ARROWS, better, direction, fmt, fmt_ci, fmt_coord, fmt_signed, missing
 
-MATCH = ["probe", "model", "steps", "strength", "metric", "reference", "group"]
+MATCH = ["probe", "model", "steps", "strength", "series", "reference", "group"]
 
 
 def _keyed(aggregates: pd.DataFrame) -> pd.DataFrame:
@@ -40,8 +40,8 @@ def compare_runs(current: RunData, baseline: RunData) -> dict[str, Any]:
         separated = not any(missing(v) for v in (row.low, row.high, row.low_b, row.high_b)) and (
             float(row.low) > float(row.high_b) or float(row.high) < float(row.low_b))
         probes.setdefault(str(row.probe), []).append({
-            "sort": (order.get(row.model, 99), str(row.model), row.k_steps, row.k_strength, row.metric, row.k_group),
-            "model": row.model, "steps": row.k_steps, "strength": row.k_strength, "metric": row.metric,
+            "sort": (order.get(row.model, 99), str(row.model), row.k_steps, row.k_strength, row.series, row.k_group),
+            "model": row.model, "steps": row.k_steps, "strength": row.k_strength, "metric": row.series,
             "arrow": ARROWS[direction(row.metric)], "detail": " ".join(x for x in (row.k_reference, row.k_group) if x),
             "this": fmt(row.mean), "this_ci": fmt_ci(row.low, row.high), "other": fmt(row.mean_b),
             "other_ci": fmt_ci(row.low_b, row.high_b), "delta": fmt_signed(delta), "sig": separated,

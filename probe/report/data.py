@@ -16,7 +16,7 @@ import pandas as pd
 from probe.errors import UsageError
 
 JOB_DEFAULTS: dict[str, Any] = {"mode": "txt2img", "steps": None, "strength": None, "init_image": None, "text": None,
-                                "seconds": None, "status": "cached", "seed": 0, "preset": None}
+                                "seconds": None, "status": "cached", "seed": None, "preset": None}
 
 
 @dataclass
@@ -70,7 +70,7 @@ class RunData:
 
 def load_run(run_dir: Path) -> RunData:
     """Read a run directory for the report; raise UsageError when it is not one."""
-    from probe.analysis.aggregate import aggregate, paired_deltas
+    from probe.analysis.aggregate import aggregate, paired_deltas, with_series
     from probe.scoring import read_scores
 
     run_dir = Path(run_dir)
@@ -85,9 +85,9 @@ def load_run(run_dir: Path) -> RunData:
     scores = read_scores(run_dir)
     data = RunData(run_dir, manifest, jobs, scores, pd.DataFrame(), pd.DataFrame())
     agg_path, delta_path = run_dir / "aggregates.parquet", run_dir / "deltas.parquet"
-    data.aggregates = pd.read_parquet(agg_path) if agg_path.is_file() else aggregate(jobs, scores)
+    data.aggregates = with_series(pd.read_parquet(agg_path)) if agg_path.is_file() else aggregate(jobs, scores)
     if delta_path.is_file():
-        data.deltas = pd.read_parquet(delta_path)
+        data.deltas = with_series(pd.read_parquet(delta_path))
     else:
         data.deltas = paired_deltas(jobs, scores, data.subject or "")
     return data

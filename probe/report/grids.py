@@ -64,8 +64,9 @@ def _thumbnail(source: Path, target: Path) -> None:
 def image_cell(row: Any, run_dir: Path, thumbs: Thumbnails) -> dict[str, Any]:
     """A grid cell for one jobs row: its thumbnail and full image, or why it has none (failed, missing)."""
     steps = fmt_coord(row.steps)
+    seed = f", seed {int(row.seed)}" if not missing(row.seed) and int(row.seed) >= 0 else ", no seed given"
     title = f"{row.model}, {steps} step{'' if steps == '1' else 's'}" + (
-        f", strength {fmt_coord(row.strength)}" if not missing(row.strength) else "") + f", seed {row.seed}"
+        f", strength {fmt_coord(row.strength)}" if not missing(row.strength) else "") + seed
     image = None if missing(row.image) else str(row.image)
     if image is None or not (run_dir / image).is_file():
         return {"missing": row.status if row.status == "failed" else "missing", "title": title,
@@ -114,18 +115,32 @@ def _columns(rows: pd.DataFrame, models: list[str]) -> list[tuple[Any, ...]]:
     return sorted(coords, key=lambda c: (order.get(c[0], 99), str(c[0]), c[1] or 0, c[2] or 0))
 
 
+def _display_seeds(rows: pd.DataFrame) -> pd.DataFrame:
+    """Images without a seed (scored with `probe score` from a table with none) each get a grid of their own:
+    -1, -2, ... in listing order within their cell, so no image hides another."""
+    missing_seed = rows["seed"].isna()
+    if not missing_seed.any():
+        return rows
+    rows = rows.copy()
+    cell = ["model", "prompt", "steps", "strength", "init_image"]
+    order = rows[missing_seed].groupby(cell, dropna=False, sort=False).cumcount()
+    rows["seed"] = pd.to_numeric(rows["seed"], errors="coerce").astype(float)
+    rows.loc[missing_seed, "seed"] = -1.0 - order
+    return rows
+
+
 def probe_grid(data: RunData, probe: str, thumbs: Thumbnails, inits: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One probe's grids: one per seed (first few seeds), rows paged, columns (model, steps[, strength])."""
-    rows = data.jobs[data.jobs["probe"] == probe]
+    rows = _display_seeds(data.jobs[data.jobs["probe"] == probe])
     img2img = bool((rows["mode"] == "img2img").any())
     columns = _columns(rows, data.models)
     row_keys = list(dict.fromkeys(zip(rows["prompt"], rows["init_image"].fillna(""), strict=True)))
-    seeds = sorted(rows["seed"].unique())
+    seeds = sorted(rows["seed"].unique(), key=lambda s: (s < 0, abs(s)))
     notes = []
     if len(row_keys) > GRID_PROMPTS:
         notes.append(f"showing the first {GRID_PROMPTS} of {len(row_keys)} prompts")
     if len(seeds) > GRID_SEEDS:
-        notes.append(f"seeds {', '.join(str(s) for s in seeds[:GRID_SEEDS])} of {len(seeds)}")
+        notes.append(f"seeds {', '.join(str(int(s)) for s in seeds[:GRID_SEEDS])} of {len(seeds)}")
     by_cell = {(r.prompt, "" if missing(r.init_image) else r.init_image, r.seed, r.model,
                 None if missing(r.steps) else float(r.steps), None if missing(r.strength) else float(r.strength)): r
                for r in rows.itertuples()}
@@ -139,6 +154,7 @@ def probe_grid(data: RunData, probe: str, thumbs: Thumbnails, inits: dict[str, d
                           "cells": [None if r is None else image_cell(r, data.path, thumbs) for r in cells]})
         pages = [{"first": start + 1, "last": min(start + PAGE_ROWS, len(table)), "rows": table[start:start + PAGE_ROWS]}
                  for start in range(0, len(table), PAGE_ROWS)]
-        grids.append({"seed": int(seed), "open": index == 0, "pages": pages})
+        label = f"seed {int(seed)}" if seed >= 0 else f"image {-int(seed)} (no seed given)"
+        grids.append({"seed": int(seed), "label": label, "open": index == 0, "pages": pages})
     return {"probe": probe, "kind": data.probe_kind(probe), "img2img": img2img, "notes": notes, "grids": grids,
             "columns": [{"model": m, "steps": fmt_coord(s), "strength": fmt_coord(st)} for m, s, st in columns]}

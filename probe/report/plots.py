@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from probe.report.data import RunData
@@ -46,9 +47,9 @@ def quality_plots(data: RunData, out: Path) -> dict[str, list[dict[str, str]]]:
         for key, group in rows.groupby(rows.apply(_column, axis=1), sort=True):
             if group[x].isna().all():
                 continue  # images made elsewhere carry no step counts: nothing to plot against
-            metric = str(group["metric"].iloc[0])
+            series, metric = str(group["series"].iloc[0]), str(group["metric"].iloc[0])
             name = f"{slug(probe)}--{slug(str(key))}.png"
-            title = f"{metric} {ARROWS[direction(metric)]}".strip()
+            title = f"{series} {ARROWS[direction(metric)]}".strip()
             reference = group["reference"].iloc[0]
             if group["kind"].iloc[0] == "set" and not missing(reference):
                 title += f" vs {str(reference).split(':', 1)[-1]}"
@@ -59,7 +60,7 @@ def quality_plots(data: RunData, out: Path) -> dict[str, list[dict[str, str]]]:
 
 
 def _column(row: pd.Series) -> str:
-    return column_key(row["metric"], row["reference"] if row["kind"] == "set" else None)
+    return column_key(row["series"], row["reference"] if row["kind"] == "set" else None)
 
 
 def _line_order(models: list[str], coords: Any) -> tuple[int, str, float]:
@@ -93,7 +94,9 @@ def _plot(group: pd.DataFrame, img2img: bool, colours: dict[str, str], title: st
         if len(xs) > 1:
             axes.fill_between(xs, low, high, color=colour, alpha=0.15, linewidth=0)
         elif not (pd.isna(low).any() or pd.isna(high).any()):
-            axes.errorbar(xs, means, yerr=[means - low, high - means], color=colour, capsize=3, fmt="none")
+            # A CI that does not contain its estimate would be a negative error bar; clip so a bad row still renders.
+            yerr = [np.maximum(means - low, 0.0), np.maximum(high - means, 0.0)]
+            axes.errorbar(xs, means, yerr=yerr, color=colour, capsize=3, fmt="none")
     values = sorted(group[x].dropna().astype(float).unique())
     if not img2img and values and values[-1] / max(values[0], 1e-9) > 8:
         axes.set_xscale("log", base=2)

@@ -29,10 +29,11 @@ def _reference_label(reference: str) -> str:
     return f"vs {name}" if kind in ("model", "folder") else f"vs {reference}"
 
 
-def _column(metric: str, reference: Any, kind: str) -> dict[str, Any]:
+def _column(series: str, metric: str, reference: Any, kind: str) -> dict[str, Any]:
+    """A column shows a series (its label) and takes its arrow and description from the base metric."""
     way = direction(metric)
-    return {"key": column_key(metric, reference), "metric": metric, "arrow": ARROWS[way], "direction": way,
-            "description": description(metric), "kind": kind,
+    return {"key": column_key(series, reference), "metric": series, "arrow": ARROWS[way], "direction": way,
+            "base": metric, "description": description(metric), "kind": kind,
             "reference": None if missing(reference) else _reference_label(reference)}
 
 
@@ -69,7 +70,7 @@ def summary(data: RunData, probe: str) -> dict[str, Any]:
     columns: dict[str, dict[str, Any]] = {}
     for row in agg.itertuples():
         reference = row.reference if row.kind == "set" else None
-        columns.setdefault(column_key(row.metric, reference), _column(row.metric, reference, row.kind))
+        columns.setdefault(column_key(row.series, reference), _column(row.series, row.metric, reference, row.kind))
     counts = job_cells(data.jobs, probe)
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for coords, info in counts.items():
@@ -78,7 +79,7 @@ def summary(data: RunData, probe: str) -> dict[str, Any]:
         coords = _norm((row.model, row.steps, row.strength))
         entry = rows.setdefault(coords, _row(coords, {"n_prompts": row.n_prompts, "n_images": row.n_images,
                                                       "seconds": None}))
-        key = column_key(row.metric, row.reference if row.kind == "set" else None)
+        key = column_key(row.series, row.reference if row.kind == "set" else None)
         note = "" if row.n_images == entry["n_images_raw"] else f"n={fmt_count(row.n_images)}"
         entry["cells"][key] = {"mean": fmt(row.mean), "ci": fmt_ci(row.low, row.high), "note": note,
                                "data": cell_key(probe, row.model, row.steps, row.strength, key)}
@@ -104,7 +105,7 @@ def _grouped_rows(grouped: pd.DataFrame, order: dict[str, int]) -> list[dict[str
     rows = []
     for row in grouped.itertuples():
         rows.append({"sort": _sort_key(order, row.model, row.steps, row.strength), "model": row.model,
-                     "steps": fmt_coord(row.steps), "strength": fmt_coord(row.strength), "metric": row.metric,
+                     "steps": fmt_coord(row.steps), "strength": fmt_coord(row.strength), "metric": row.series,
                      "arrow": ARROWS[direction(row.metric)], "group": row.group, "reference": row.reference,
                      "mean": fmt(row.mean), "ci": fmt_ci(row.low, row.high), "n_images": fmt_count(row.n_images)})
     return sorted(rows, key=lambda r: (r["metric"], r["group"], r["sort"]))
@@ -115,7 +116,7 @@ def paired(data: RunData, probe: str) -> dict[str, Any]:
     deltas = data.deltas[data.deltas["probe"] == probe] if not data.deltas.empty else data.deltas
     if deltas.empty:
         return {"columns": [], "rows": []}
-    metrics = sorted(deltas["metric"].unique())
+    series = dict(sorted(zip(deltas["series"], deltas["metric"], strict=True)))
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in deltas.itertuples():
         key = (row.model, _num(row.steps), row.baseline, _num(row.baseline_steps), _num(row.strength))
@@ -124,11 +125,12 @@ def paired(data: RunData, probe: str) -> dict[str, Any]:
                                       "strength": fmt_coord(row.strength), "n_pairs": int(row.n_pairs),
                                       "n_prompts": int(row.n_prompts), "cells": {}})
         significant = bool(row.excludes_zero)
-        entry["cells"][row.metric] = {"mean": fmt_signed(row.mean), "ci": fmt_ci(row.low, row.high),
+        entry["cells"][row.series] = {"mean": fmt_signed(row.mean), "ci": fmt_ci(row.low, row.high),
                                       "sig": significant, "better": better(row.metric, row.mean) if significant else None}
     order = _order(data.models)
     keys = sorted(rows, key=lambda k: (order.get(k[2], 99), _sort_key(order, k[0], k[1], k[4]), k[3] or 0))
-    return {"columns": [_column(m, None, "image") for m in metrics], "rows": [rows[k] for k in keys]}
+    return {"columns": [_column(name, base, None, "image") for name, base in series.items()],
+            "rows": [rows[k] for k in keys]}
 
 
 def _num(value: Any) -> float | None:

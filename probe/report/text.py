@@ -17,7 +17,7 @@ SAMPLE_ROWS = 200
 
 def text_section(data: RunData, probe: str, summary: dict[str, Any], thumbs: Thumbnails) -> dict[str, Any]:
     """Aggregates of the OCR metrics (from the probe's summary) and up to SAMPLE_ROWS per-image read-backs."""
-    columns = [c for c in summary["columns"] if c["metric"] in OCR_METRICS]
+    columns = [c for c in summary["columns"] if c["base"] in OCR_METRICS]
     jobs = data.jobs[data.jobs["probe"] == probe]
     scores = per_image(jobs, data.scores) if not data.scores.empty else pd.DataFrame()
     ocr = scores[scores["metric"].isin(OCR_METRICS)] if not scores.empty else scores
@@ -31,7 +31,7 @@ def text_section(data: RunData, probe: str, summary: dict[str, Any], thumbs: Thu
     samples = []
     for row in usable.head(SAMPLE_ROWS).itertuples():
         samples.append({"cell": image_cell(row, data.path, thumbs), "model": row.model, "steps": fmt_coord(row.steps),
-                        "seed": int(row.seed), "target": "" if missing(row.text) else str(row.text),
+                        "seed": fmt_coord(row.seed), "target": "" if missing(row.text) else str(row.text),
                         "read": read.get(row.key), "exact": fmt(values.get((row.key, "ocr_exact"))),
                         "cer": fmt(values.get((row.key, "ocr_cer"))), "f1": fmt(values.get((row.key, "ocr_f1")))})
     return {"probe": probe, "columns": columns, "rows": summary["rows"], "samples": samples,
