@@ -23,7 +23,8 @@ from probe.store import atomic_write_bytes
 FORMAT = "probe-baseline/1"
 COORDINATES = [*ITEM, "model", "steps"]
 PER_IMAGE = [*COORDINATES, "key", "series", "metric", "value", "label"]
-SETS = ["probe", "model", "steps", "strength", "series", "metric", "value", "low", "high", "se", "group"]
+SETS = ["probe", "model", "steps", "strength", "series", "metric", "reference", "value", "low", "high", "se", "df",
+        "group"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def baseline_from_run(run_dir: Path) -> Baseline:
     frame = frame.reindex(columns=PER_IMAGE).reset_index(drop=True)
     scores = latest_config(run.scores)
     sets = scores[scores["key"].isna()] if not scores.empty else scores
-    sets = sets.assign(se=[_set_se(extra) for extra in sets["extra"]]).reindex(columns=SETS)
+    sets = sets.assign(se=[_set_ci(extra, "ci_se") for extra in sets["extra"]],
+                       df=[_set_ci(extra, "ci_df") for extra in sets["extra"]]).reindex(columns=SETS)
     manifest = run.manifest
     provenance = {k: manifest.get(k) for k in ("presets", "packages", "device", "started_at", "finished_at", "counts")}
     provenance["run_dir"] = str(run.path)
@@ -56,12 +58,12 @@ def baseline_from_run(run_dir: Path) -> Baseline:
                     sets.reset_index(drop=True))
 
 
-def _set_se(extra: object) -> float | None:
-    """The jackknife standard error a set row records (None for rows without a CI)."""
+def _set_ci(extra: object, field: str) -> float | None:
+    """The jackknife standard error (`ci_se`) or degrees of freedom (`ci_df`) a set row records, else None."""
     if not isinstance(extra, str) or not extra:
         return None
-    se = json.loads(extra).get("ci_se")
-    return None if se is None else float(se)
+    value = json.loads(extra).get(field)
+    return None if value is None else float(value)
 
 
 def save_baseline(run_dir: Path, target: Path) -> Baseline:
@@ -97,7 +99,11 @@ def load_baseline(path: Path) -> Baseline:
         raise UsageError(f"--baseline {path}: not JSON ({exc})") from None
     if payload.get("format") != FORMAT:
         raise UsageError(f"--baseline {path}: not a probe baseline (format {payload.get('format')!r})")
-    per_image_rows = _upgrade(pd.DataFrame(payload["per_image"]).reindex(columns=PER_IMAGE))
+    stored = pd.DataFrame(payload["per_image"])
+    # Pair only on the item columns the file has: one saved before `text` and `variables` were stored must
+    # not fail to match every run because those came back as None.
+    columns = [c for c in PER_IMAGE if c not in ITEM or c in stored.columns or stored.empty]
+    per_image_rows = _upgrade(stored.reindex(columns=columns))
     sets = _upgrade(pd.DataFrame(payload["sets"]).reindex(columns=SETS))
     return Baseline(payload["suite_name"], payload.get("suite_sha256", ""), payload.get("provenance", {}),
                     per_image_rows, sets)
@@ -106,6 +112,7 @@ def load_baseline(path: Path) -> Baseline:
 def _upgrade(frame: pd.DataFrame) -> pd.DataFrame:
     """Baselines saved before metric identity was data hold the label in `metric` and no `series`."""
     missing = frame["series"].isna()
-    frame.loc[missing, "series"] = frame.loc[missing, "metric"]
-    frame["metric"] = frame["metric"].astype(object).where(~missing, frame["series"].astype(str).str.split("[", n=1).str[0])
+    labels = frame["metric"].astype(object)
+    frame["series"] = frame["series"].astype(object).where(~missing, labels)
+    frame["metric"] = labels.where(~missing, labels.astype(str).str.split("[", n=1).str[0])
     return frame

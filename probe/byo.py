@@ -145,7 +145,7 @@ def _job_rows(rows: list[dict[str, str]], request: ScoreRequest, run: RunDir) ->
             "seed": int(row["seed"]) if row.get("seed") else None,
             "steps": int(row["steps"]) if row.get("steps") else None, "strength": None, "init_image": None,
             "width": width, "height": height, "status": "cached", "image": relative, "seconds": None,
-            "source_file": row["file"], "variables": json.dumps({k[4:]: v for k, v in extra.items()}), **extra,
+            "source_file": row["file"], "variables": json.dumps({k[4:]: v for k, v in extra.items()}, sort_keys=True), **extra,
         })
     frame = pd.DataFrame(records)
     frame["seed"] = frame["seed"].astype("Int64")

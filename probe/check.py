@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import pandas as pd
 from pydantic import ValidationError
+from scipy import stats
 
 from probe.analysis.aggregate import latest_config, per_image
 from probe.analysis.pairing import pair
@@ -98,8 +98,13 @@ class Verdict:
 
 
 def parse_rule(text: str) -> Rule:
-    """'clip_score:probe=occupations,max_drop=0.5,mode=strict' -> Rule (validated like a suite's checks)."""
-    metric, _, rest = text.partition(":")
+    """'clip_score:probe=occupations,max_drop=0.5,mode=strict' -> Rule (validated like a suite's checks).
+
+    The metric may be a series with brackets: 'kid[features=clip,subset_size=50]:max_increase=0.01'.
+    """
+    closing = text.find("]")
+    split_at = text.find(":", closing if closing >= 0 else 0)
+    metric, rest = (text, "") if split_at < 0 else (text[:split_at], text[split_at + 1:])
     fields: dict[str, Any] = {"metric": metric.strip()}
     for part in filter(None, (p.strip() for p in rest.split(","))):
         key, sep, value = part.partition("=")
@@ -193,8 +198,10 @@ def _per_image_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | Non
     pairs = pair(mine, theirs[[c for c in theirs.columns if c not in ("key", "label")]],
                  extra=["model", "steps", "series", "metric"], suffixes=("", "_base"))
     if pairs.empty:  # not one image in common: the wrong baseline, not an inconclusive group
-        raise UsageError(f"rule {rule.title}: no image pairs between the run and the baseline "
-                         "(same probe, model, steps, prompt, text, variables, seed, strength)")
+        unseeded = "seed" in mine.columns and mine["seed"].isna().all()
+        why = ("the run's images have no seeds (probe score without a seed column), so none pairs with another "
+               "image" if unseeded else "same probe, model, steps, prompt, text, variables, seed, strength")
+        raise UsageError(f"rule {rule.title}: no image pairs between the run and the baseline ({why})")
     pairs = pairs[pairs["value"].notna() & pairs["value_base"].notna()]
     by_group = {_group_id(group): rows for group, rows in _groups(pairs, rule)}
     for group, _ in _groups(mine, rule):
@@ -220,27 +227,39 @@ def _sign(rule: Rule, metric: str) -> float:
     return -1.0 if direction_of(metric) != "lower" else 1.0
 
 
-def _se(row: pd.Series) -> float | None:
-    """A set row's standard error: `ci_se` from its record, else half its CI width over 1.96, else None."""
+def _se_df(row: pd.Series) -> tuple[float, float] | None:
+    """A set row's (standard error, degrees of freedom): the jackknife's `ci_se`/`ci_df` from its record (or the
+    baseline's se/df columns), else half its CI width over 1.96 with df infinite (older rows), else None."""
     extra = row.get("extra")
-    if isinstance(extra, str) and extra:
-        se = json.loads(extra).get("ci_se")
-        if se is not None:
-            return float(se)
-    if "se" in row and not pd.isna(row["se"]):
-        return float(row["se"])
+    recorded = json.loads(extra) if isinstance(extra, str) and extra else {}
+    se = recorded.get("ci_se", row.get("se"))
+    df = recorded.get("ci_df", row.get("df"))
+    if se is not None and not pd.isna(se):
+        return float(se), float("inf") if df is None or pd.isna(df) else float(df)
     low, high = row.get("low"), row.get("high")
     if low is None or high is None or pd.isna(low) or pd.isna(high):
         return None
-    return float(high - low) / (2 * Z95)
+    return float(high - low) / (2 * Z95), float("inf")
+
+
+def _change_half_width(mine: tuple[float, float], theirs: tuple[float, float]) -> float:
+    """95% half-width of a difference of two independent estimates: t on Welch-Satterthwaite df times the
+    combined standard error (a jackknife se from few prompts has few degrees of freedom)."""
+    (se_a, df_a), (se_b, df_b) = mine, theirs
+    va, vb = se_a**2, se_b**2
+    denominator = (va**2 / df_a if math.isfinite(df_a) else 0.0) + (vb**2 / df_b if math.isfinite(df_b) else 0.0)
+    df = (va + vb) ** 2 / denominator if denominator > 0 else float("inf")
+    quantile = Z95 if not math.isfinite(df) else float(stats.t.ppf(0.975, df))
+    return quantile * math.sqrt(va + vb)
 
 
 def _set_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | None) -> list[Outcome]:
     """One outcome per set row (probe x model x steps x strength x group), matched to the same baseline row.
 
-    Against a baseline, the change's CI combines both runs' standard errors, sqrt(se² + se_base²), taking the
-    runs as independent samples (conservative when they share prompts and seeds); one run's alone when only
-    it has one.
+    Against a baseline, the change's CI combines both runs' standard errors, sqrt(se² + se_base²) with a t
+    quantile on Welch-Satterthwaite degrees of freedom, taking the runs as independent samples (conservative
+    when they share prompts and seeds). When either side has no CI the group is inconclusive in significant
+    mode (one side's noise alone would be over-confident); strict mode compares the point estimates.
     """
     kind, _ = rule.bound
     outcomes = []
@@ -263,19 +282,22 @@ def _set_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | None) -> 
             outcomes.append(_nothing(rule, group, "no value for this group in the baseline"))
             continue
         base = float(match["value"].iloc[0])
-        sign = _sign(rule, str(row["metric"]))
-        errors = [se for se in (_se(row), _se(match.iloc[0])) if se is not None]
-        change = sign * (value - base)
-        half = Z95 * float(np.sqrt(sum(se**2 for se in errors))) if errors else None
+        change = _sign(rule, str(row["metric"])) * (value - base)
+        mine_se, theirs_se = _se_df(row), _se_df(match.iloc[0])
+        half = _change_half_width(mine_se, theirs_se) if mine_se and theirs_se else None
         outcomes.append(_decide(rule, group, change, None if half is None else change - half,
                                 None if half is None else change + half, int(row["n"] or 0), base))
     return outcomes
 
 
 def _same_set(sets: pd.DataFrame, row: pd.Series) -> pd.DataFrame:
-    """Baseline rows with the same series, probe, model, steps, strength and group (missing equals missing)."""
+    """Baseline rows with the same series, probe, model, steps, strength, group and reference (missing equals
+    missing; baselines saved before the reference was stored match any)."""
     mask = pd.Series(True, index=sets.index)
-    for column in ("series", "probe", "model", "steps", "strength", "group"):
+    columns = ["series", "probe", "model", "steps", "strength", "group"]
+    if "reference" in sets.columns and sets["reference"].notna().any():
+        columns.append("reference")
+    for column in columns:
         value = row.get(column)
         empty = value is None or (not isinstance(value, str) and pd.isna(value)) or value == ""
         column_empty = sets[column].isna() | (sets[column] == "")

@@ -165,7 +165,7 @@ def _check_probes(suite: Suite, issues: list[Issue], base: Path) -> None:
             _check_metric(suite, probe, spec, ("probes", index, "metrics", m_index), issues, base)
     for index, check in enumerate(suite.checks):
         scored = {**METRICS, **DERIVED_DIRECTIONS, **CHECK_ONLY_METRICS}  # rows a metric writes, bias gaps
-        if check.metric not in scored:
+        if check.metric.split("[", 1)[0] not in scored:  # a base metric, or one of its series ('fid[features=clip]')
             issues.append((("checks", index, "metric"), f"unknown metric {check.metric!r}{suggest(check.metric, scored)}"))
         if check.probe is not None and check.probe not in names:
             issues.append((("checks", index, "probe"), f"unknown probe {check.probe!r}{suggest(check.probe, names)}"))

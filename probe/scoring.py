@@ -236,7 +236,7 @@ def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: P
         if {i.key for i in items} == {i.key for i in reference_items} or not reference_items:
             continue  # the reference itself, or nothing to compare with
         existing = writer.frame
-        same_group = _same_group(existing, label, item.probe, coords)
+        same_group = _same_group(existing, label, item.probe, coords, reference_name)
         if (same_group & (existing["config_id"] == item.config_id) & (existing["set_hash"] == set_hash)).any():
             reused += 1
             continue
@@ -249,9 +249,13 @@ def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: P
     return computed, reused
 
 
-def _same_group(frame: pd.DataFrame, label: str, probe: str, coords: dict[str, Any]) -> pd.Series:
-    """Set rows of this series and group (any configuration), missing coordinates equal to missing."""
+def _same_group(frame: pd.DataFrame, label: str, probe: str, coords: dict[str, Any], reference: str) -> pd.Series:
+    """Set rows of this series, group and reference (any configuration), missing coordinates equal to missing.
+
+    One metric listed twice with two references (cmmd vs sd21 and vs a folder) keeps both rows.
+    """
     mask = (frame["series"] == label) & (frame["probe"] == probe) & frame["key"].isna()
+    mask &= frame["reference"] == reference
     for column in ("model", "steps", "strength"):
         value = coords[column]
         mask &= frame[column].isna() if pd.isna(value) else frame[column] == value

@@ -55,7 +55,7 @@ def set_run(path: Path, value: float, *, low: float, high: float, steps: tuple[i
             for j in jobs]
     rows += [{"metric": "fid", "args": '{"features":"clip"}', "key": None, "value": value, "low": low, "high": high,
               "probe": "q", "model": "m", "steps": s, "reference": "model:r", "n": 2, "n_reference": 2,
-              "extra": json.dumps({"ci_se": (high - low) / 3.92})} for s in steps]
+              "extra": json.dumps({"ci_se": (high - low) / 3.92, "ci_df": 4.0})} for s in steps]
     return write_run(path, jobs, rows)
 
 
@@ -74,9 +74,43 @@ def test_set_metric_deltas_combine_both_runs_uncertainty(tmp_path):
     base = baseline_from_run(set_run(tmp_path / "base", 10.0, low=9.0, high=11.0))
     run = probe.load_run(set_run(tmp_path / "run", 10.5, low=9.5, high=11.5))
     outcome = evaluate(run, base, [Rule(metric="fid", max_increase=0.1)]).outcomes[0]
-    se = 2.0 / 3.92
-    assert outcome.low == pytest.approx(0.5 - 1.959964 * np.sqrt(2) * se, rel=1e-5)
+    se = 2.0 / 3.92  # each run: jackknife se on 4 degrees of freedom -> Welch-Satterthwaite df 8, t = 2.306
+    assert outcome.low == pytest.approx(0.5 - 2.306004 * np.sqrt(2) * se, rel=1e-5)
     assert outcome.passed  # 0.5 above the tolerance, but within both runs' noise
+    no_ci = probe.load_run(set_run(tmp_path / "no-ci", 10.5, low=float("nan"), high=float("nan")))
+    assert evaluate(no_ci, base, [Rule(metric="fid", max_increase=0.1)]).outcomes[0].status == "inconclusive"
+
+
+def test_rules_and_suite_checks_may_name_a_series(tmp_path, write_suite):
+    from probe.check import parse_rule
+    from probe.loader import load_suite
+
+    rule = parse_rule("kid[features=clip,subset_size=50]:probe=q,max_increase=0.01")
+    assert (rule.metric, rule.probe, rule.max_increase) == ("kid[features=clip,subset_size=50]", "q", 0.01)
+    suite = write_suite("""
+        name: named-series
+        models: [tiny, {preset: tiny, name: other}]
+        probes:
+          - {name: q, prompts: [a cat], metrics: [{name: fid, args: {features: clip}, reference: {model: other}}]}
+        checks:
+          - {metric: "fid[features=clip]", probe: q, max_increase: 1.0}
+        """)
+    assert load_suite(suite).suite.checks[0].metric == "fid[features=clip]"
+
+
+def test_old_baseline_files_still_pair(tmp_path):
+    path = text_run(tmp_path / "run")
+    run = probe.load_run(path)
+    save_baseline(path, tmp_path / "new.json")
+    payload = json.loads((tmp_path / "new.json").read_text())
+    for row in payload["per_image"]:  # as saved before text, variables and series were stored
+        for column in ("text", "variables", "series"):
+            row.pop(column)
+    (tmp_path / "old.json").write_text(json.dumps(payload))
+    old = load_baseline(tmp_path / "old.json")
+    assert set(old.per_image["series"]) == {"ocr_cer"}
+    outcomes = evaluate(run, old, [Rule(metric="ocr_cer", max_drop=0.0, mode="strict")]).outcomes
+    assert [o.status for o in outcomes] == ["pass", "pass"]
 
 
 def test_gates_with_nothing_to_judge_are_inconclusive_and_fail_by_default(tmp_path):
@@ -282,3 +316,20 @@ def test_configured_metrics_keep_their_arrows_and_their_bias_section(tmp_path):
              "label": "feminine", "score_id": score_id(j["key"], j["prompt"], None)} for j in jobs]
     section = bias_section(load_report_data(write_run(tmp_path / "gender", jobs, rows)))
     assert section is not None and section["gender"], "a configured perceived_gender must reach the bias section"
+
+
+def test_one_set_metric_against_two_references_keeps_both_rows(tmp_path):
+    from probe.metrics.base import ScoringContext
+    from probe.metrics.features import FeatureCache
+    from probe.scoring import PreparedMetric, score_run
+
+    jobs = pd.DataFrame([{"key": f"{m}{k}", "probe": "q", "model": m, "prompt": f"p{k}", "steps": 1, "strength": None,
+                          "image": f"{m}{k}.png", "text": None} for m in ("m", "r", "s") for k in "123"])
+    prepared = [PreparedMetric("q", MetricSpec.model_validate({"name": "cmmd", "reference": {"model": ref}}),
+                               _MeanShift(), {}, "cid") for ref in ("r", "s")]  # type: ignore[arg-type]
+    ctx = ScoringContext(features=FeatureCache(tmp_path / "cache"))
+    score_run(tmp_path, jobs, prepared, ctx)
+    again = score_run(tmp_path, jobs, prepared, ctx)
+    rows = read_scores(tmp_path)
+    assert sorted(rows.loc[rows["model"] == "m", "reference"]) == ["model:r", "model:s"]
+    assert again.computed["cmmd"] == 0

@@ -57,7 +57,7 @@ def aggregate(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     frame = frame[frame["value"].notna()]
     for coords, group in frame.groupby([*GRID, "series"], dropna=False, sort=True):
         est = cluster_bootstrap(group["value"].to_numpy(), group["prompt"].to_numpy())
-        truncated = int(group["extra"].fillna("").str.contains('"truncated": true', regex=False).sum())
+        truncated = int(group["extra"].astype(object).fillna("").str.contains('"truncated": true', regex=False).sum())
         records.append({**dict(zip([*GRID, "series"], coords, strict=True)), "metric": group["metric"].iloc[0],
                         "kind": "image", "mean": est.mean,
                         "low": est.low, "high": est.high, "n_prompts": est.n_clusters, "n_images": est.n,

@@ -154,7 +154,8 @@ def jackknife_interval(replicate: Replicate, design: Design, estimate: float, *,
     se = float(np.sqrt(variance + max(extra_variance, 0.0)))
     half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
     low, high = estimate - half, estimate + half
-    if floor is not None:
+    if floor is not None:  # a rounding error below the floor (FID -1e-12) must stay inside its own interval
+        floor = min(floor, estimate)
         low, high = max(low, floor), max(high, floor)
     return Interval(float(low), float(high), se, df)
 
