@@ -76,8 +76,8 @@ def warnings(data: RunData) -> list[str]:
                      "(n_images counts what remains; errors under Methods).")
     ci_missing = data.aggregates["low"].isna().sum() if "low" in data.aggregates else 0
     if ci_missing:
-        notes.append(f"{int(ci_missing)} aggregate(s) have no confidence interval: intervals are bootstrapped over "
-                     "prompts, so a cell needs at least two prompts.")
+        notes.append(f"{int(ci_missing)} aggregate(s) have no confidence interval: intervals resample or remove "
+                     "whole prompts, so a cell needs at least two prompts.")
     return list(dict.fromkeys(notes))
 
 
