@@ -24,10 +24,12 @@ test: install
 	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check probe tests benchmarks
 	$(BIN)/mypy probe
+	$(BIN)/lint-imports
 
 lint: install
 	$(BIN)/ruff check probe tests benchmarks
 	$(BIN)/mypy probe
+	$(BIN)/lint-imports
 
 clean-reports:
 	find reports -mindepth 1 -not -name .gitkeep -exec rm -rf {} +

@@ -38,8 +38,9 @@ def bare_loop(pipe, prompts: list[str], seeds: list[int], steps: int, size: int,
 
 def probe_run(pipe, prompts: list[str], seeds: list[int], steps: int, size: int, batch: int, out: Path) -> float:
     """The same jobs through `run_suite` with the pipeline injected (fresh cache, so everything is generated)."""
-    from probe.models import generate, loading
-    from probe.runner import RunOptions, run_suite
+    from probe.generate import adapter as generate
+    from probe.generate import loading
+    from probe.run.driver import RunOptions, run_suite
 
     suite = out / "bench.yaml"
     suite.write_text(textwrap.dedent(f"""
@@ -90,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.only in (None, "tiny"):
-        from probe.models.tiny import build_tiny_pipeline
+        from probe.embedded.tiny_sd import build_tiny_pipeline
 
         measure("tiny", build_tiny_pipeline(), 64, args.images * 4, args.batch_size, args.repeats)
     if args.only in (None, "sd-turbo-arch"):

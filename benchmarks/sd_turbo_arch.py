@@ -14,7 +14,7 @@ def build_sd_turbo_architecture(seed: int = 0):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from probe.models.tiny import build_tiny_tokenizer
+    from probe.embedded.tiny_sd import build_tiny_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

@@ -15,15 +15,15 @@ from probe.errors import ProbeError, UsageError
 
 if TYPE_CHECKING:
     from probe.api import Run, compare, load_run
-    from probe.loader import load_suite
-    from probe.plan import plan_jobs as plan
+    from probe.plan.planner import plan_jobs as plan
+    from probe.spec.loader import load_suite
 
 _LAZY = {
     "Run": ("probe.api", "Run"),
     "load_run": ("probe.api", "load_run"),
     "compare": ("probe.api", "compare"),
-    "load_suite": ("probe.loader", "load_suite"),
-    "plan": ("probe.plan", "plan_jobs"),
+    "load_suite": ("probe.spec.loader", "load_suite"),
+    "plan": ("probe.plan.planner", "plan_jobs"),
 }
 
 __all__ = ["ProbeError", "UsageError", "Run", "load_run", "compare", "load_suite", "plan"]

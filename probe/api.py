@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from probe.analysis.aggregate import GRID, aggregate, paired_deltas, per_image, with_series
-from probe.analysis.pairing import pair
-from probe.analysis.stats import cluster_bootstrap
+from probe.analyse.aggregate import GRID, aggregate, paired_deltas, per_image, with_series
+from probe.analyse.pairing import pair
 from probe.errors import UsageError
+from probe.stats.bootstrap import cluster_bootstrap
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,7 +49,7 @@ class Run:
     @cached_property
     def scores(self) -> pd.DataFrame:
         """scores.parquet in long format (empty when the run listed no metrics)."""
-        from probe.scoring import read_scores
+        from probe.store.tables import read_scores
 
         return read_scores(self.path)
 
@@ -94,7 +94,7 @@ class Run:
         return pd.DataFrame(rows)
 
     def deltas(self) -> pd.DataFrame:
-        """The subject minus each baseline, paired by `probe.analysis.pairing.ITEM`, with CIs."""
+        """The subject minus each baseline, paired by `probe.analyse.pairing.ITEM`, with CIs."""
         stored = self.path / "deltas.parquet"
         return with_series(pd.read_parquet(stored)) if stored.is_file() else paired_deltas(self.jobs, self.scores,
                                                                                           self.subject)
@@ -158,7 +158,7 @@ def load_run(path: str | Path) -> Run:
 
 
 def compare(run_a: Run | str | Path, run_b: Run | str | Path) -> pd.DataFrame:
-    """Per-image metrics of run_b minus run_a, paired by model, steps and `probe.analysis.pairing.ITEM`.
+    """Per-image metrics of run_b minus run_a, paired by model, steps and `probe.analyse.pairing.ITEM`.
 
     For "what changed between two versions of a model or of the library": one row per probe x model x steps x
     strength x metric with the mean change, its 95% CI (clustered by prompt) and the number of pairs.

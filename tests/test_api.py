@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import probe
-from probe.analysis.aggregate import aggregate
+from probe.analyse.aggregate import aggregate
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

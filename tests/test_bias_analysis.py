@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probe.analysis.bias import (
+from probe.analyse.bias import (
     BLS_REFERENCE,
     MONK_COLUMNS_TAIL,
     LabelScheme,

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 
 import probe
-from probe.baseline import baseline_from_run
-from probe.check import Rule, evaluate, parse_rule
 from probe.errors import UsageError
-from probe.scoring import SCORE_COLUMNS
-from probe.tables import score_id
+from probe.gate.baseline import baseline_from_run
+from probe.gate.rules import evaluate
+from probe.gate.verdict import Rule, parse_rule
+from probe.store.tables import SCORE_COLUMNS, score_id
 from tests.conftest import probe_cli
 
 PROMPTS = [f"prompt {i}" for i in range(12)]

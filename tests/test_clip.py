@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from probe.errors import ProbeError
-from probe.metrics.base import ImageItem, ImageMetric, ImageSet, ScoringContext, SetMetric
-from probe.metrics.clip import DEFAULT_CLIP_MODEL, ClipBackend, ClipScore, Cmmd, get_clip, mmd_rbf
-from probe.metrics.features import FeatureCache
+from probe.score.metrics.clip import DEFAULT_CLIP_MODEL, ClipBackend, ClipScore, Cmmd, get_clip, mmd_rbf
+from probe.score.protocol import ImageItem, ImageMetric, ImageSet, ScoringContext, SetMetric
+from probe.store.features import FeatureCache
 
 torch = pytest.importorskip("torch")
 
@@ -84,7 +84,7 @@ def test_protocols() -> None:
 def test_clip_score_equals_torchmetrics(tmp_path: Path, items: list[ImageItem], tiny_backend: ClipBackend) -> None:
     from torchmetrics.functional.multimodal import clip_score
 
-    from probe.models.tiny_clip import build_tiny_clip
+    from probe.embedded.tiny_clip import build_tiny_clip
 
     model, processor = build_tiny_clip()
     adapter = _TensorFeatures(model)
@@ -141,7 +141,7 @@ def test_folder_and_hub_cache_load_like_built(
 ) -> None:
     from huggingface_hub import constants
 
-    from probe.models.tiny_clip import save_tiny_clip
+    from probe.embedded.tiny_clip import save_tiny_clip
 
     built = [s.value for s in ClipScore().score(items, _context(tmp_path / "a", tiny_backend))]
     save_tiny_clip(tmp_path / "tiny-clip")

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from probe import cli, datasets
+from probe.cli import commands as cli
 from probe.errors import ProbeError
-from probe.loader import SuiteError, load_suite
+from probe.spec import datasets
+from probe.spec.loader import SuiteError, load_suite
 
 from .conftest import REPO, SUITES
 
@@ -54,7 +55,7 @@ def test_every_dataset_ships_with_its_pinned_sha256_and_licence():
         assert set(dataset.columns) <= set(header)
         assert (path.parent / "LICENSE").is_file()
         notice = (REPO / "NOTICE").read_text(encoding="utf-8")
-        assert f"probe/data/{name}/{dataset.filename}" in notice and dataset.sha256 in notice
+        assert f"probe/spec/data/{name}/{dataset.filename}" in notice and dataset.sha256 in notice
 
 
 def test_a_fresh_machine_reads_the_shipped_copy(shared_datasets: Path):
@@ -119,5 +120,5 @@ def test_package_data_globs_cover_every_shipped_file():
     config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     globs = config["tool"]["setuptools"]["package-data"]["probe"]
     package = REPO / "probe"
-    files = [p.relative_to(package).as_posix() for p in (package / "data").rglob("*") if p.is_file()]
+    files = [p.relative_to(package).as_posix() for p in datasets.SHIPPED_DIR.rglob("*") if p.is_file()]
     assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), files

@@ -18,9 +18,8 @@ from PIL import Image
 from scipy import linalg
 
 from probe.errors import ProbeError, UsageError
-from probe.metrics import fid as fid_module
-from probe.metrics.base import ImageItem, ImageSet, ScoringContext, SetMetric
-from probe.metrics.distribution import (
+from probe.score.metrics import fid as fid_module
+from probe.score.metrics.distribution import (
     Gaussian,
     adapt_subset_size,
     feature_stats,
@@ -29,8 +28,9 @@ from probe.metrics.distribution import (
     kid,
     poly_kernel,
 )
-from probe.metrics.features import FeatureCache
-from probe.metrics.inception import WEIGHTS_FILES, WEIGHTS_URL, InceptionExtractor, clean_resize, pool3_features
+from probe.score.metrics.inception import WEIGHTS_FILES, WEIGHTS_URL, InceptionExtractor, clean_resize, pool3_features
+from probe.score.protocol import ImageItem, ImageSet, ScoringContext, SetMetric
+from probe.store.features import FeatureCache
 
 
 def _features(n: int = 300, d: int = 12, shift: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -283,7 +283,7 @@ def test_clip_features_wrap_the_clip_backend(monkeypatch: pytest.MonkeyPatch, tm
     backend = types.SimpleNamespace(
         image_extractor_id="clip:fake-l14:r1", image_embeddings=lambda items, cache: np.full((len(items), 4), 3.0)
     )
-    monkeypatch.setitem(sys.modules, "probe.metrics.clip", types.SimpleNamespace(get_clip=lambda ctx: backend))
+    monkeypatch.setitem(sys.modules, "probe.score.metrics.clip", types.SimpleNamespace(get_clip=lambda ctx: backend))
     ctx = ScoringContext(features=FeatureCache(tmp_path))
     extractor = fid_module.build_extractor("clip", ctx)
     assert extractor.id == "clip:fake-l14:r1:fd" and extractor is fid_module.build_extractor("clip", ctx)
@@ -312,7 +312,7 @@ def test_fid_and_kid_on_the_tiny_clip_backend(tmp_path: Path):
 
 
 def test_metrics_modules_do_not_import_torch():
-    code = "import sys, probe.metrics.fid, probe.metrics.distribution; print('torch' in sys.modules)"
+    code = "import sys, probe.score.metrics.fid, probe.score.metrics.distribution; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
@@ -376,7 +376,7 @@ def test_inception_found_in_hub_cache_embeds_and_caches(random_inception, monkey
 def test_pool3_on_float_input_equals_torch_fidelity_forward(random_inception):
     import torch
 
-    from probe.metrics.inception import load_inception
+    from probe.score.metrics.inception import load_inception
 
     net = load_inception(random_inception)
     x = torch.from_numpy(np.random.default_rng(18).integers(0, 256, (1, 3, 299, 299), dtype=np.uint8))

@@ -8,11 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from probe.metrics import faces as faces_module
-from probe.metrics.base import ImageItem, ImageMetric, ScoringContext
-from probe.metrics.faces import FaceBox, Faces, FaceSettings, crop, detect_faces, largest_face
-from probe.metrics.features import FeatureCache
-from probe.metrics.skin import (
+from probe.score.metrics import faces as faces_module
+from probe.score.metrics.faces import FaceBox, Faces, FaceSettings, crop, detect_faces, largest_face
+from probe.score.metrics.skin import (
     MONK_HEX,
     MONK_SWATCHES,
     SkinTone,
@@ -23,6 +21,8 @@ from probe.metrics.skin import (
     rgb_to_lab,
     skin_mask,
 )
+from probe.score.protocol import ImageItem, ImageMetric, ScoringContext
+from probe.store.features import FeatureCache
 
 data = pytest.importorskip("skimage.data")
 color = pytest.importorskip("skimage.color")

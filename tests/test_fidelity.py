@@ -16,14 +16,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import probe
-from probe.analysis.aggregate import paired_deltas
-from probe.baseline import baseline_from_run, load_baseline, save_baseline
-from probe.check import Rule, evaluate
-from probe.check_output import write_json
-from probe.score_cache import ScoreCache
-from probe.scoring import SCORE_COLUMNS, _reference, metric_label, read_scores
-from probe.suite import MetricSpec
-from probe.tables import score_id
+from probe.analyse.aggregate import paired_deltas
+from probe.gate.baseline import baseline_from_run, load_baseline, save_baseline
+from probe.gate.output import write_json
+from probe.gate.rules import evaluate
+from probe.gate.verdict import Rule
+from probe.score.scorer import _reference, metric_label
+from probe.spec.schema import MetricSpec
+from probe.store.score_cache import ScoreCache
+from probe.store.tables import SCORE_COLUMNS, read_scores, score_id
 from tests.conftest import probe_cli
 
 PROMPTS = [f"prompt {i}" for i in range(8)]
@@ -82,8 +83,8 @@ def test_set_metric_deltas_combine_both_runs_uncertainty(tmp_path):
 
 
 def test_rules_and_suite_checks_may_name_a_series(tmp_path, write_suite):
-    from probe.check import parse_rule
-    from probe.loader import load_suite
+    from probe.gate.verdict import parse_rule
+    from probe.spec.loader import load_suite
 
     rule = parse_rule("kid[features=clip,subset_size=50]:probe=q,max_increase=0.01")
     assert (rule.metric, rule.probe, rule.max_increase) == ("kid[features=clip,subset_size=50]", "q", 0.01)
@@ -219,7 +220,7 @@ def test_a_report_that_fails_is_one_line_and_exit_1(tmp_path, monkeypatch, write
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "--debug" in proc.stderr
 
     import probe.report
-    from probe.cli import app
+    from probe.cli.commands import app
 
     def explode(*args: object, **kwargs: object) -> Path:
         raise RuntimeError("template bug")
@@ -274,15 +275,15 @@ class _MeanShift:
         return float(abs(features.mean() - reference.mean())), {}
 
     def interval(self, features, reference, design, estimate, extra):
-        from probe.metrics.set_ci import Interval
+        from probe.stats.jackknife import Interval
 
         return Interval(estimate, estimate, 0.0, 1.0)
 
 
 def test_a_set_row_whose_images_changed_replaces_the_stale_row(tmp_path):
-    from probe.metrics.base import ScoringContext
-    from probe.metrics.features import FeatureCache
-    from probe.scoring import PreparedMetric, score_run
+    from probe.score.protocol import ScoringContext
+    from probe.score.scorer import PreparedMetric, score_run
+    from probe.store.features import FeatureCache
 
     def jobs(keys: list[str]) -> pd.DataFrame:
         rows = [{"key": f"m{k}", "probe": "q", "model": "m", "prompt": f"p{k}", "steps": 1, "strength": None,
@@ -319,9 +320,9 @@ def test_configured_metrics_keep_their_arrows_and_their_bias_section(tmp_path):
 
 
 def test_one_set_metric_against_two_references_keeps_both_rows(tmp_path):
-    from probe.metrics.base import ScoringContext
-    from probe.metrics.features import FeatureCache
-    from probe.scoring import PreparedMetric, score_run
+    from probe.score.protocol import ScoringContext
+    from probe.score.scorer import PreparedMetric, score_run
+    from probe.store.features import FeatureCache
 
     jobs = pd.DataFrame([{"key": f"{m}{k}", "probe": "q", "model": m, "prompt": f"p{k}", "steps": 1, "strength": None,
                           "image": f"{m}{k}.png", "text": None} for m in ("m", "r", "s") for k in "123"])

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from probe.errors import UsageError
-from probe.metrics import gender
-from probe.metrics.base import ImageItem, ImageMetric, ScoringContext
-from probe.metrics.clip import ClipBackend
-from probe.metrics.faces import FaceBox
-from probe.metrics.features import FeatureCache
-from probe.metrics.gender import DEFAULT_PROMPTS, LABELS, FaceCrop, PerceivedGender
+from probe.score.metrics import gender
+from probe.score.metrics.clip import ClipBackend
+from probe.score.metrics.faces import FaceBox
+from probe.score.metrics.gender import DEFAULT_PROMPTS, LABELS, FaceCrop, PerceivedGender
+from probe.score.protocol import ImageItem, ImageMetric, ScoringContext
+from probe.store.features import FeatureCache
 
 pytest.importorskip("torch")
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from probe.embedded.tiny_sd import build_tiny_pipeline, build_tiny_tokenizer, tiny_fingerprint
 from probe.errors import ProbeError
-from probe.models.generate import PipelineAdapter, initial_latents
-from probe.models.loading import ensure_available, load_txt2img, parse_scheduler
-from probe.models.registry import TINY_ID
-from probe.models.tiny import build_tiny_pipeline, build_tiny_tokenizer, tiny_fingerprint
-from probe.records import Job
+from probe.generate.adapter import PipelineAdapter, initial_latents
+from probe.generate.loading import ensure_available, load_txt2img, parse_scheduler
+from probe.plan.job import Job
+from probe.spec.presets import TINY_ID
 
 SCHEDULER = "EulerDiscreteScheduler(trailing)"
 
@@ -315,8 +315,8 @@ def test_pull_fetches_configs_and_one_weight_format(tmp_path: Path, monkeypatch:
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
-    from probe.models.loading import pull
-    from probe.models.registry import get_preset
+    from probe.generate.loading import pull
+    from probe.spec.presets import get_preset
 
     index = tmp_path / "model_index.json"
     index.write_text(json.dumps(SD_TURBO_INDEX))
@@ -386,7 +386,7 @@ def test_probe_package_import_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, probe, probe.records, probe.models.registry; print('torch' in sys.modules)"
+    code = "import sys, probe, probe.plan.job, probe.spec.presets; print('torch' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"

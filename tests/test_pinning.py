@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from probe.loader import load_suite
-from probe.plan import plan_jobs, resolve_model
-from probe.rundir import RunDir
+from probe.plan.planner import plan_jobs, resolve_model
+from probe.run.folder import RunDir
+from probe.spec.loader import load_suite
 
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
@@ -120,7 +120,7 @@ def test_no_revision_and_tags_resolve_too(write_suite, hub):
 
 def test_commits_stay_and_unknown_branches_are_left_for_preflight(write_suite, hub):
     from probe.errors import ProbeError
-    from probe.models.loading import ensure_available
+    from probe.generate.loading import ensure_available
 
     fake_repo(hub, "org/model", COMMIT_A, pipeline_files())
     pinned = plan_jobs(load_suite(suite_with(write_suite, f"{{preset: sd-turbo, model_id: org/model, revision: {COMMIT_C}}}")))[0]
@@ -144,7 +144,7 @@ def test_lora_branch_is_pinned_whatever_its_file_is_called(write_suite, hub):
 
 
 def test_model_override_is_pinned_like_suite_entries(write_suite, hub, monkeypatch):
-    from probe.models.registry import PRESETS, Preset
+    from probe.spec.presets import PRESETS, Preset
 
     custom = Preset(name="custom", description="a preset that follows a branch", model_id="org/model",
                     revision="main", family="sd", steps=(1,), guidance=0.0, size=(64, 64),
@@ -207,7 +207,7 @@ def test_changed_bytes_change_the_key_even_with_the_old_size_and_mtime(write_sui
 
 
 def test_file_hashes_are_memoised_in_the_probe_cache(write_suite, tmp_path, monkeypatch, isolated_cache):
-    from probe.models import fingerprint
+    from probe.plan import pinning as fingerprint
 
     local_pipeline(tmp_path / "ft")
     reads: list[Path] = []

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from probe.errors import UsageError
-from probe.loader import load_suite
-from probe.plan import count_jobs, plan_jobs, plan_sha256
+from probe.plan.planner import count_jobs, plan_jobs, plan_sha256
+from probe.spec.loader import load_suite
 from tests.conftest import REPO, SUITES
 
 GRID = """
@@ -70,7 +70,7 @@ def test_keys_are_stable_across_processes(write_suite):
     path = write_suite(GRID)
     here = [j.key for j in plan_jobs(load_suite(path))]
     code = (
-        "import json; from probe.loader import load_suite; from probe.plan import plan_jobs;"
+        "import json; from probe.spec.loader import load_suite; from probe.plan.planner import plan_jobs;"
         f"print(json.dumps([j.key for j in plan_jobs(load_suite({str(path)!r}))]))"
     )
     there = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -143,8 +143,8 @@ def test_plan_hash_changes_with_plan(write_suite):
 
 
 def test_tiny_preset_revision_tracks_the_tiny_model():
-    from probe.models.registry import PRESETS
-    from probe.models.tiny import TINY_REVISION
+    from probe.embedded.tiny_sd import TINY_REVISION
+    from probe.spec.presets import PRESETS
 
     assert PRESETS["tiny"].revision == TINY_REVISION
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from probe.errors import ProbeError
-from probe.runner import RunOptions, run_suite
+from probe.run.driver import RunOptions, run_suite
 from tests.conftest import probe_cli
 from tests.test_pinning import COMMIT_A, COMMIT_B, empty_hub_cache, fake_repo, pipeline_files
 
@@ -79,10 +79,10 @@ def test_metric_problems_alone_keep_their_own_message(write_suite, tmp_path, hub
 
 
 def test_prepare_metrics_tries_every_metric(monkeypatch, tmp_path):
-    from probe import scoring
-    from probe.metrics.base import ScoringContext
-    from probe.metrics.features import FeatureCache
-    from probe.suite import MetricSpec
+    from probe.score import scorer as scoring
+    from probe.score.protocol import ScoringContext
+    from probe.spec.schema import MetricSpec
+    from probe.store.features import FeatureCache
 
     class Broken:
         def __init__(self, reason: str) -> None:
@@ -106,7 +106,7 @@ def test_prepare_metrics_tries_every_metric(monkeypatch, tmp_path):
 
 
 def hub_job(dtype: str = "float32", repo: str = "org/model", **fields: Any):
-    from probe.records import Job
+    from probe.plan.job import Job
 
     values: dict[str, Any] = dict(
         probe="p", model="m", preset="sd-turbo", model_id=repo, revision=COMMIT_A, scheduler="repo-default",
@@ -118,7 +118,7 @@ def hub_job(dtype: str = "float32", repo: str = "org/model", **fields: Any):
 
 
 def problems(job) -> list[str]:
-    from probe.models.loading import job_problems
+    from probe.generate.loading import job_problems
 
     return job_problems(job)
 
@@ -190,8 +190,8 @@ def test_lora_folder_with_several_unnamed_weights_is_ambiguous(tmp_path):
 
 
 def test_clip_snapshot_without_weights_is_reported_before_loading(hub):
-    from probe.metrics.clip_loaders import load_encoders
-    from probe.models.tiny_clip import save_tiny_clip
+    from probe.embedded.tiny_clip import save_tiny_clip
+    from probe.score.metrics.clip_loaders import load_encoders
 
     snapshot = save_tiny_clip(hub / "models--org--clip" / "snapshots" / COMMIT_A)
     (hub / "models--org--clip" / "refs").mkdir()
@@ -221,8 +221,8 @@ def test_pull_wraps_http_errors(monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError
 
-    from probe.models.loading import pull
-    from probe.models.registry import get_preset
+    from probe.generate.loading import pull
+    from probe.spec.presets import get_preset
 
     response = httpx2.Response(503, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
 
@@ -238,8 +238,8 @@ def test_pull_wraps_http_errors(monkeypatch):
 
 
 def test_newest_run_folder_is_found_in_numeric_order(tmp_path, monkeypatch):
-    from probe.records import RunManifest
-    from probe.rundir import RunDir
+    from probe.run.folder import RunDir
+    from probe.run.records import RunManifest
 
     monkeypatch.setattr(time, "strftime", lambda fmt, t=None: "20250101-120000")  # all made in one second
     runs = [RunDir.create(tmp_path) for _ in range(12)]

@@ -18,8 +18,7 @@ from markupsafe import escape
 from probe.report import build_report
 from probe.report.bias import MONK_COLOURS
 from probe.report.fmt import fmt, fmt_ci, fmt_coord, fmt_signed
-from probe.scoring import SCORE_COLUMNS
-from probe.tables import score_id
+from probe.store.tables import SCORE_COLUMNS, score_id
 from tests.chrome import CHROMIUM, Chrome
 from tests.conftest import REPO, probe_cli
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from probe.cli import app
+from probe.cli.commands import app
 from tests.conftest import REPO, probe_cli
 
 pytestmark = pytest.mark.slow
@@ -123,7 +123,7 @@ def test_resume_after_sigkill(write_suite, tmp_path):
 
 
 def test_failed_job_is_recorded_and_run_goes_on(write_suite, tmp_path, monkeypatch):
-    from probe.models import generate
+    from probe.generate import adapter as generate
 
     real = generate.PipelineAdapter.generate
 
@@ -187,7 +187,7 @@ def test_unavailable_device_is_a_usage_error(write_suite, tmp_path):
 
 
 def test_missing_attrs_stay_missing_in_jobs(write_suite, tmp_path):
-    from probe.runner import RunOptions, run_suite
+    from probe.run.driver import RunOptions, run_suite
 
     suite = write_suite("""
         name: attrs

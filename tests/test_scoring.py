@@ -37,9 +37,9 @@ def test_smoke_scores_every_image_and_the_set_metric(smoke_run):
 
 
 def test_cmmd_row_equals_direct_computation_on_the_group(smoke_run):
-    from probe.metrics.base import ImageItem
-    from probe.metrics.clip import ClipBackend, mmd_rbf
-    from probe.metrics.features import FeatureCache
+    from probe.score.metrics.clip import ClipBackend, mmd_rbf
+    from probe.score.protocol import ImageItem
+    from probe.store.features import FeatureCache
 
     run = smoke_dir(smoke_run)
     jobs = pd.read_parquet(run / "jobs.parquet")
@@ -81,8 +81,8 @@ def test_aggregates_equal_means_of_per_image_scores(smoke_run):
 
 
 def test_rerun_reuses_scores_without_computing(smoke_run, monkeypatch):
-    from probe.metrics.clip import ClipScore
-    from probe.runner import RunOptions, run_suite
+    from probe.run.driver import RunOptions, run_suite
+    from probe.score.metrics.clip import ClipScore
     from tests.conftest import SUITES
 
     root, cache, _ = smoke_run
@@ -149,7 +149,7 @@ def test_probe_score_rejects_missing_files_and_unknown_metrics(tmp_path):
 
 
 def test_long_prompts_are_counted_as_truncated(write_suite, tmp_path):
-    from probe.runner import RunOptions, run_suite
+    from probe.run.driver import RunOptions, run_suite
 
     long_prompt = "a very detailed photo of " + " ".join(f"object{i}" for i in range(90))
     suite = write_suite(f"""
@@ -166,7 +166,7 @@ def test_long_prompts_are_counted_as_truncated(write_suite, tmp_path):
 
 
 def test_scores_follow_the_prompt_not_just_the_pixels(tmp_path):
-    from probe.byo import ScoreRequest, score_images
+    from probe.run.external import ScoreRequest, score_images
 
     make_images(tmp_path / "imgs", 1, (200, 30, 30))
     values = []

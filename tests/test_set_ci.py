@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probe.metrics.clip import Cmmd, mmd_rbf, rbf_kernel
-from probe.metrics.distribution import kid, mmd2_unbiased, poly_kernel
-from probe.metrics.fid import Fid, Kid
-from probe.metrics.set_ci import GroupKernel, jackknife_interval, make_design
+from probe.score.metrics.clip import Cmmd, mmd_rbf, rbf_kernel
+from probe.score.metrics.distribution import kid, mmd2_unbiased, poly_kernel
+from probe.score.metrics.fid import Fid, Kid
+from probe.score.metrics.kernel_sums import GroupKernel
+from probe.stats.jackknife import jackknife_interval, make_design
 
 DIM, SEEDS, PROMPT_SD = 4, 2, 0.7
 SHIFT = np.array([0.6, 0.0, 0.0, 0.0])

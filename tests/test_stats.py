@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from probe.analysis.stats import cluster_bootstrap, paired_delta
+from probe.stats.bootstrap import cluster_bootstrap, paired_delta
 
 
 def test_matches_scipy_percentile_bootstrap_for_singleton_clusters():

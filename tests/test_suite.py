@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from probe.loader import SuiteError, load_suite
+from probe.spec.loader import SuiteError, load_suite
 from tests.conftest import SUITES
 
 GOOD = """
@@ -23,7 +23,7 @@ probes:
 def problems(path: Path) -> list[tuple[int | None, str, str]]:
     with pytest.raises(SuiteError) as info:
         load_suite(path)
-    from probe.yamlsrc import format_path
+    from probe.spec.yaml_source import format_path
 
     return [(line, format_path(p), msg) for line, p, msg in info.value.problems]
 
@@ -227,7 +227,7 @@ def test_var_file_with_missing_column(write_suite, tmp_path):
 def test_cli_validate_exit_code_message_and_no_torch(write_suite):
     bad = write_suite(GOOD.replace("[tiny]", "[sd-trubo]"), name="bad.yaml")
     code = (
-        "import sys; from typer.testing import CliRunner; from probe.cli import app;"
+        "import sys; from typer.testing import CliRunner; from probe.cli.commands import app;"
         f"r = CliRunner().invoke(app, ['suites', 'validate', {str(SUITES / 'smoke.yaml')!r}, {str(bad)!r}]);"
         "print(r.output); print('torch' in sys.modules); sys.exit(r.exit_code)"
     )
@@ -255,7 +255,7 @@ def test_dataset_prompts_with_where_filter():
 
 
 def test_dataset_neither_shipped_nor_pulled_says_how_to_get_it(write_suite, monkeypatch, tmp_path):
-    from probe import datasets
+    from probe.spec import datasets
 
     monkeypatch.setenv("PROBE_DATA", str(tmp_path / "empty"))
     monkeypatch.setattr(datasets, "SHIPPED_DIR", tmp_path / "no-shipped-data")  # an install that lost its data

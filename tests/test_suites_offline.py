@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 from probe.errors import ProbeError
-from probe.metrics import fid as fid_module
-from probe.metrics import inception
-from probe.metrics.base import ImageItem, ImageSet, ScoringContext
-from probe.metrics.features import FeatureCache
+from probe.score.metrics import fid as fid_module
+from probe.score.metrics import inception
+from probe.score.protocol import ImageItem, ImageSet, ScoringContext
+from probe.store.features import FeatureCache
 
 from .conftest import SUITES, probe_cli
 
@@ -62,7 +62,7 @@ def _images(folder: Path, prefix: str, level: int, n: int = 4) -> ImageSet:
 
 def test_all_tiny_runs_score_fid_and_kid_on_a_random_stand_in(tmp_path, torch_home, caplog):
     ctx = ScoringContext(features=FeatureCache(tmp_path / "cache"), clip_model="tiny", all_tiny=True)
-    with caplog.at_level(logging.WARNING, logger="probe.metrics.inception"):
+    with caplog.at_level(logging.WARNING, logger="probe.score.metrics.inception"):
         extractor = fid_module.build_extractor("inception", ctx)
     assert isinstance(extractor, inception.StandInExtractor) and fid_module.build_extractor("inception", ctx) is extractor
     assert extractor.id.startswith("random-stand-in-for-inception-v3:") and "random weights" in caplog.text
@@ -141,8 +141,8 @@ def test_tests_may_skip_the_check_explicitly(tmp_path, torch_home):
 
 def test_wrong_weights_fail_before_any_image_is_made(tmp_path, torch_home, write_suite):
     """A tiny run scored with a real (local-folder) CLIP needs the real Inception, which is checked first."""
-    from probe.models.tiny_clip import save_tiny_clip
-    from probe.runner import RunOptions, run_suite
+    from probe.embedded.tiny_clip import save_tiny_clip
+    from probe.run.driver import RunOptions, run_suite
 
     _bogus_weights(torch_home / "hub" / "checkpoints" / inception.WEIGHTS_FILES[0])
     suite = write_suite("""

@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from probe.metrics.base import ImageItem, ImageMetric, Score, ScoringContext
-from probe.metrics.features import FeatureCache
-from probe.metrics.text import OUTPUTS, Ocr, OcrReading, text_scores
-from probe.metrics.text_match import (
+from probe.score.metrics.text import OUTPUTS, Ocr, OcrReading, text_scores
+from probe.score.metrics.text_match import (
     TextNormalisation,
     cer,
     exact_match,
@@ -25,6 +23,8 @@ from probe.metrics.text_match import (
     scoring_target,
     word_prf,
 )
+from probe.score.protocol import ImageItem, ImageMetric, Score, ScoringContext
+from probe.store.features import FeatureCache
 
 WORDS = ["OPEN", "Hello World", "SALE 50", "Coffee"]
 BACKGROUNDS = ["plain", "coloured", "rotated", "noisy"]
@@ -248,7 +248,7 @@ def test_import_probe_does_not_import_rapidocr() -> None:
     import subprocess
     import sys
 
-    code = "import sys, probe, probe.metrics.text; print('rapidocr' in sys.modules)"
+    code = "import sys, probe, probe.score.metrics.text; print('rapidocr' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.strip() == "False"

@@ -1,5 +1,5 @@
 """Bias section: perceived-gender shares against the reference share (sorted by gap) and Monk skin-tone
-distributions, each with its coverage. Numbers come from probe.analysis.bias, so notebooks see the same.
+distributions, each with its coverage. Numbers come from probe.analyse.bias, so notebooks see the same.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from probe.analysis.aggregate import per_image
+from probe.analyse.aggregate import per_image
 from probe.report.data import RunData
 from probe.report.fmt import fmt, fmt_coord, fmt_pct, missing
 
@@ -37,7 +37,7 @@ def _pp(difference: Any) -> str:
 
 
 def _gender_rows(frame: pd.DataFrame, data: RunData) -> list[dict[str, Any]]:
-    from probe.analysis import bias  # scipy.stats: imported only for runs with bias metrics
+    from probe.analyse import bias  # scipy.stats: imported only for runs with bias metrics
 
     reference = bias.BLS_REFERENCE[0] if bias.BLS_REFERENCE[0] in frame else None
     shares = bias.label_shares(frame, GENDER, reference_column=reference, reference_scale=bias.BLS_REFERENCE[1])
@@ -65,7 +65,7 @@ def _gender_rows(frame: pd.DataFrame, data: RunData) -> list[dict[str, Any]]:
 
 
 def _gender_deltas(frame: pd.DataFrame, subject: str | None) -> list[dict[str, Any]]:
-    from probe.analysis import bias
+    from probe.analyse import bias
 
     if subject is None:
         return []
@@ -78,7 +78,7 @@ def _gender_deltas(frame: pd.DataFrame, subject: str | None) -> list[dict[str, A
 
 
 def _monk_rows(frame: pd.DataFrame, group_by: list[str], order: dict[str, int]) -> list[dict[str, Any]]:
-    from probe.analysis import bias
+    from probe.analyse import bias
 
     dist = bias.monk_distribution(frame, group_by)
     rows = []

@@ -8,7 +8,6 @@ are autoescaped by Jinja2, so a prompt such as <script>...</script> shows as tex
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from probe.report.methods import methods, warnings
 from probe.report.plots import quality_plots
 from probe.report.tables import paired, summary
 from probe.report.text import text_section
+from probe.store.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,5 @@ def build_report(run_dir: Path, baseline: Path | None = None) -> Path:
         shutil.copyfile(TEMPLATES / name, assets / name)
     html = render_html(report_context(data, other))
     target = run_dir / INDEX
-    tmp = run_dir / f".{INDEX}.{os.getpid()}.tmp"
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, target)
+    atomic_write_bytes(target, html.encode("utf-8"), durable=False)  # re-rendered from the files at will
     return target

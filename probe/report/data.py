@@ -70,8 +70,8 @@ class RunData:
 
 def load_run(run_dir: Path) -> RunData:
     """Read a run directory for the report; raise UsageError when it is not one."""
-    from probe.analysis.aggregate import aggregate, paired_deltas, with_series
-    from probe.scoring import read_scores
+    from probe.analyse.aggregate import aggregate, paired_deltas, with_series
+    from probe.store.tables import read_scores
 
     run_dir = Path(run_dir)
     manifest_path = run_dir / "manifest.json"

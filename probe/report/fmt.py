@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from probe.metrics import catalog
+from probe.spec import metric_catalog as catalog
 
 DASH = "\u2014"
 #: Fallback directions of score rows that are not catalog entries (the catalog's own table wins).

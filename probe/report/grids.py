@@ -6,6 +6,7 @@ portable. Large runs are capped and paged (collapsed <details>, lazy images) so 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ import pandas as pd
 
 from probe.report.data import RunData
 from probe.report.fmt import fmt_coord, missing
+from probe.store.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,9 @@ def _thumbnail(source: Path, target: Path) -> None:
     with Image.open(source) as opened:
         image = opened.convert("RGB")
     image.thumbnail((THUMB_PX, THUMB_PX))
-    tmp = target.with_name(f".{target.name}.tmp")
-    image.save(tmp, format="JPEG", quality=85)
-    os.replace(tmp, target)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    atomic_write_bytes(target, buffer.getvalue(), durable=False)  # a thumbnail is remade from its image
 
 
 def image_cell(row: Any, run_dir: Path, thumbs: Thumbnails) -> dict[str, Any]:

@@ -8,9 +8,9 @@ import json
 from pathlib import PurePath
 from typing import Any
 
-from probe.models.registry import PRESETS
 from probe.report.data import RunData
 from probe.report.fmt import fmt_coord
+from probe.spec.presets import PRESETS
 
 #: Below this many images per set, FID is strongly biased upward (Chong & Forsyth 2020; Jayasumana et al. 2024).
 FID_MIN_IMAGES = 2000

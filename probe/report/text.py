@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from probe.analysis.aggregate import per_image
+from probe.analyse.aggregate import per_image
 from probe.report.data import RunData
 from probe.report.fmt import fmt, fmt_coord, missing
 from probe.report.grids import Thumbnails, image_cell

@@ -1,0 +1,5 @@
+"""`python -m probe.cli`."""
+
+from probe.cli.commands import main
+
+main()

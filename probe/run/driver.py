@@ -1,0 +1,314 @@
+"""`probe run`: plan -> generate what is missing -> run directory. Resumable, nothing generated twice.
+
+The store is the source of truth for images; the run's progress log says what happened to each key.
+Re-running after a kill resumes the same run folder (same plan) and only generates what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from probe.errors import ProbeError, UsageError
+from probe.plan.job import Job
+from probe.plan.planner import plan_jobs, plan_sha256
+from probe.run.folder import RunDir
+from probe.run.manifest import build_manifest, finish_manifest
+from probe.run.options import RunOptions
+from probe.run.records import JobResult, RunCounts
+from probe.spec.loader import LoadedSuite, load_suite
+from probe.spec.metric_catalog import DEFAULT_CLIP_MODEL
+from probe.store.images import ImageStore, link_or_copy
+
+log = logging.getLogger(__name__)
+
+
+class Progress(Protocol):
+    """What the runner reports while it works (the CLI draws rich progress bars from it)."""
+
+    def start(self, total: int) -> None: ...
+    def group(self, label: str, total: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NullProgress:
+    """Progress that shows nothing (library use, tests)."""
+
+    def start(self, total: int) -> None: ...
+    def group(self, label: str, total: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass
+class RunSummary:
+    """The outcome of `run_suite`."""
+
+    run_dir: Path
+    counts: RunCounts
+    wall_seconds: float
+    resumed: bool
+    failures: list[dict[str, str]] = field(default_factory=list)
+    report: Path | None = None
+    report_error: str | None = None
+    """Why index.html could not be written (the run's data is complete; `probe report RUN` retries)."""
+
+
+def resolve_device(device: str | None) -> str:
+    """The requested device (checked to exist), or CUDA when available, else CPU."""
+    import torch
+
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":", 1)[0]
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if kind not in available:
+        raise UsageError(f"--device {device!r}: use cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        raise UsageError(f"--device {device!r}: no {kind} device is available here (torch {torch.__version__})")
+    return device
+
+
+def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | None = None) -> RunSummary:
+    """Run a suite end to end (generation part); see the module docstring for the resume rules."""
+    progress = progress or NullProgress()
+    loaded = load_suite(suite_path)
+    device = resolve_device(options.device)
+    jobs = plan_jobs(loaded, model_override=options.model_override, limit=options.limit, device=device)
+    store = ImageStore(options.cache_dir)
+    suite_root = options.reports_root / loaded.suite.name
+    plan_hash = plan_sha256(jobs)
+    scoring = _preflight([j for j in jobs if not store.has(j.key)],  # before any folder is made or work started
+                         lambda: prepare_scoring(loaded, jobs, options, device))
+    run = None if options.new_run else RunDir.find_resumable(suite_root, plan_hash)
+    resumed = run is not None
+    run = run or RunDir.create(suite_root)
+    started = time.time()
+    manifest = build_manifest(loaded, jobs, options, device, plan_hash)
+    previous = run.read_manifest()
+    if previous is not None:
+        manifest = manifest.model_copy(update={"started_at": previous.started_at})
+    run.write_manifest(manifest)
+
+    results = run.read_results()
+    todo = _pending(jobs, results, store, run)
+    progress.start(len(todo))
+    try:
+        _generate_all(todo, loaded, store, run, device, options.batch_size, progress)
+    finally:
+        progress.finish()
+    results = run.read_results()
+    run.write_jobs(jobs, results)
+    counts, failures = _count(jobs, results)
+    metric_configs = score_and_aggregate(run.path, loaded, scoring, progress)
+    wall = time.time() - started
+    run.write_manifest(finish_manifest(manifest, counts, failures, wall, metric_configs))
+    run.update_latest()
+    report, report_error = render_report(run.path, options.debug)
+    return RunSummary(run_dir=run.path, counts=counts, wall_seconds=wall, resumed=resumed, failures=failures,
+                      report=report, report_error=report_error)
+
+
+def render_report(run_dir: Path, debug: bool = False) -> tuple[Path | None, str | None]:
+    """(index.html, None) for a finished run, or (None, why) when it cannot be rendered.
+
+    The run's data is complete and on disk either way, so the caller reports the problem in one line and
+    exits non-zero instead of losing the run; `debug` re-raises for the traceback.
+    """
+    from probe.report import build_report
+
+    try:
+        return build_report(run_dir), None
+    except Exception as exc:  # noqa: BLE001 - any report bug must not hide a finished run's data
+        if debug:
+            raise
+        log.debug("report of %s failed", run_dir, exc_info=True)
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def clip_model_for(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions) -> str:
+    """The run's one CLIP: --clip-model, else the suite's, else tiny for all-tiny runs, else CLIP ViT-L/14."""
+    if options.clip_model:
+        return options.clip_model
+    if loaded.suite.clip_model:
+        return loaded.suite.clip_model
+    if jobs and all(j.preset == "tiny" for j in jobs):
+        return "tiny"
+    return DEFAULT_CLIP_MODEL
+
+
+def prepare_scoring(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions, device: str) -> Scoring:
+    """Build the run's metrics now, so missing CLIP/Inception weights fail before any image is generated."""
+    from probe.score.protocol import ScoringContext
+    from probe.score.scorer import prepare_metrics
+    from probe.store.features import FeatureCache
+
+    ctx = ScoringContext(features=FeatureCache(options.cache_dir), device=device,
+                         clip_model=clip_model_for(loaded, jobs, options), base_dir=loaded.base_dir,
+                         all_tiny=bool(jobs) and all(j.preset == "tiny" for j in jobs))
+    specs = {p.name: list(p.metrics) for p in loaded.suite.probes if p.metrics}
+    return Scoring(ctx=ctx, prepared=prepare_metrics(specs, ctx))
+
+
+@dataclass
+class Scoring:
+    """The metrics of a run, built once, and the context they share."""
+
+    ctx: Any
+    prepared: list[Any]
+
+
+def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring,
+                        progress: Progress) -> dict[str, dict[str, object]]:
+    """Score what the probes list, then write aggregates.parquet and deltas.parquet; returns metric configs."""
+    import pandas as pd
+
+    from probe.analyse.aggregate import aggregate, paired_deltas
+    from probe.score.scorer import score_run
+    from probe.store.atomic import write_parquet_atomic
+    from probe.store.tables import read_scores
+
+    frame = pd.read_parquet(run_dir / "jobs.parquet")
+    configs: dict[str, dict[str, object]] = {}
+    if scoring.prepared:
+        scoring.ctx.run_dir = run_dir
+        try:
+            configs = score_run(run_dir, frame, scoring.prepared, scoring.ctx, progress).configs
+        finally:
+            progress.finish()
+    scores = read_scores(run_dir)
+    write_parquet_atomic(aggregate(frame, scores), run_dir / "aggregates.parquet")
+    subject = loaded.suite.models[0].label
+    write_parquet_atomic(paired_deltas(frame, scores, subject), run_dir / "deltas.parquet")
+    return configs
+
+
+def _pending(jobs: Sequence[Job], results: dict[str, JobResult], store: ImageStore, run: RunDir) -> list[Job]:
+    """One job per key still to generate; keys already in the store are linked and logged as cached."""
+    todo: dict[str, Job] = {}
+    cached: list[JobResult] = []
+    for job in jobs:
+        key = job.key
+        if key in todo or (key in results and results[key].status != "failed" and run.image_path(key).is_file()):
+            continue
+        if store.has(key):
+            link_or_copy(store.path(key), run.image_path(key))
+            if key not in results or results[key].status == "failed":
+                cached.append(JobResult(key=key, status="cached"))
+                results[key] = cached[-1]
+            continue
+        todo[key] = job
+    run.append_results(cached)
+    return list(todo.values())
+
+
+def _preflight(todo: Sequence[Job], prepare: Callable[[], Scoring]) -> Scoring:
+    """Check that every pipeline and LoRA the run will load is on disk (without loading them), then build the
+    metrics with `prepare`; raise ONE ProbeError listing every problem of both, each with its fix, so a user
+    fixes everything in one go instead of meeting the problems one run at a time."""
+    problems: list[str] = []
+    if todo:
+        from probe.generate.loading import job_problems
+
+        seen: set[tuple[object, ...]] = set()
+        for job in todo:
+            if job.pipeline_key not in seen:
+                seen.add(job.pipeline_key)
+                problems += [p for p in job_problems(job) if p not in problems]  # jobs share LoRAs and bases
+    try:
+        scoring = prepare()
+    except ProbeError as error:
+        if not problems:
+            raise
+        problems.append(str(error))
+    if problems:
+        items = "\n".join("  - " + problem.replace("\n", "\n    ") for problem in problems)
+        raise ProbeError(f"cannot start the run, nothing was generated; {len(problems)} problem(s):\n{items}")
+    return scoring
+
+
+def _batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
+    """Jobs grouped by batch key (first-appearance order), in chunks of at most batch_size."""
+    groups: dict[tuple[object, ...], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.batch_key, []).append(job)
+    for group in groups.values():
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+def _generate_all(
+    todo: Sequence[Job], loaded: LoadedSuite, store: ImageStore, run: RunDir, device: str, batch_size: int,
+    progress: Progress,
+) -> None:
+    """Generate per pipeline (loaded once each), per batch; log every batch as soon as it is stored."""
+    by_pipeline: dict[tuple[object, ...], list[Job]] = {}
+    for job in todo:
+        by_pipeline.setdefault(job.pipeline_key, []).append(job)
+    for group in by_pipeline.values():
+        from probe.generate.adapter import PipelineAdapter
+
+        progress.group(f"{group[0].model} ({group[0].preset})", len(group))
+        adapter = PipelineAdapter.for_job(group[0], device)
+        init_images = _init_images(loaded, group)
+        for batch in _batches(group, batch_size):
+            run.append_results(_generate_batch(adapter, batch, init_images, store, run))
+            progress.advance(len(batch))
+
+
+def _generate_batch(adapter: object, batch: list[Job], init_images: dict[str, object], store: ImageStore,
+                    run: RunDir) -> list[JobResult]:
+    """Generate one batch; if the batch fails, retry its jobs one by one so one bad job fails alone."""
+    try:
+        return _store_batch(adapter, batch, init_images, store, run)
+    except Exception as exc:  # noqa: BLE001 - any generation error is recorded, the run goes on
+        if len(batch) == 1:
+            log.warning("job %s failed: %s", batch[0].key[:12], exc)
+            return [JobResult(key=batch[0].key, status="failed", error=f"{type(exc).__name__}: {exc}")]
+        return [r for job in batch for r in _generate_batch(adapter, [job], init_images, store, run)]
+
+
+def _store_batch(adapter: object, batch: list[Job], init_images: dict[str, object], store: ImageStore,
+                 run: RunDir) -> list[JobResult]:
+    started = time.perf_counter()
+    images = adapter.generate(batch, init_images)  # type: ignore[attr-defined]
+    seconds = (time.perf_counter() - started) / len(batch)
+    results = []
+    for job, image in zip(batch, images, strict=True):
+        link_or_copy(store.put(job.key, image), run.image_path(job.key))
+        results.append(JobResult(key=job.key, status="generated", seconds=seconds))
+    return results
+
+
+def _init_images(loaded: LoadedSuite, jobs: Sequence[Job]) -> dict[str, object]:
+    """Init images (RGB) by their suite-relative path, for the img2img jobs among `jobs`."""
+    from PIL import Image
+
+    wanted = {j.init_image for j in jobs if j.init_image}
+    images: dict[str, object] = {}
+    for items in loaded.init_images.values():
+        for item in items:
+            if item.path in wanted and item.path not in images:
+                with Image.open(item.absolute) as image:
+                    images[item.path] = image.convert("RGB")
+    return images
+
+
+def _count(jobs: Sequence[Job], results: dict[str, JobResult]) -> tuple[RunCounts, list[dict[str, str]]]:
+    """Counts per planned job (not per key) and the failures with their errors."""
+    counts = RunCounts(planned=len(jobs))
+    failures: list[dict[str, str]] = []
+    for job in jobs:
+        result = results.get(job.key)
+        status = result.status if result else "failed"
+        setattr(counts, status, getattr(counts, status) + 1)
+        if status == "failed":
+            error = (result.error if result else None) or "not generated"
+            failures.append({"key": job.key, "probe": job.probe, "model": job.model, "prompt": job.prompt,
+                             "seed": str(job.seed), "steps": str(job.steps), "error": error})
+    return counts, failures

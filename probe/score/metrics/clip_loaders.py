@@ -1,0 +1,234 @@
+"""Loading CLIP models for the CLIP metrics: the embedded tiny model, a local folder, the local HF cache, or
+an open_clip architecture with a weights file. Each becomes the same small `Encoders` record.
+
+Loading never touches the network: a hub id that is not cached fails at once with a message saying how to
+provide it, instead of a long timeout or a download in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from probe.errors import ProbeError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_CLIP_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"
+#: Pinned revisions of hub ids we know, used when the spec names none.
+KNOWN_REVISIONS = {DEFAULT_CLIP_MODEL: DEFAULT_CLIP_REVISION}
+
+
+@dataclass
+class Encoders:
+    """What the CLIP metrics need from a model, whatever library it comes from."""
+
+    model_id: str
+    revision: str
+    preprocessing: str
+    max_tokens: int
+    encode_images: Callable[[list[Image.Image]], Any]
+    encode_texts: Callable[[list[str]], Any]
+    count_tokens: Callable[[str], int]
+
+    def run(self, encode: Callable[[Any], Any], inputs: Any) -> np.ndarray:
+        """Call an encoder without autograd and return float32 numpy rows."""
+        import torch
+
+        with torch.inference_mode():
+            return _as_array(encode(inputs))
+
+
+def _as_array(output: Any) -> np.ndarray:
+    """Projected embeddings from a tensor or a ModelOutput.
+
+    transformers < 5 returns the projected embeddings as a tensor; transformers 5 returns a
+    BaseModelOutputWithPooling whose `pooler_output` holds the projected embeddings (modeling_clip.py
+    overwrites it with `visual_projection` / `text_projection` of the pooled output).
+    """
+    import torch
+
+    if not isinstance(output, torch.Tensor):
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is None and isinstance(output, tuple):
+            pooled = output[1]
+        if not isinstance(pooled, torch.Tensor):
+            raise TypeError(f"cannot find projected embeddings in {type(output).__name__}")
+        output = pooled
+    return output.detach().float().cpu().numpy()
+
+
+def _fingerprint(files: list[Path]) -> str:
+    """Content hash of the files that make a model, as its revision when it has no hub commit."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _describe_image_processor(image_processor: Any) -> str:
+    """The preprocessing choices that change pixels, with the class (PIL and torchvision backends differ)."""
+    config = image_processor.to_dict()
+    keys = ("size", "crop_size", "resample", "do_center_crop", "do_rescale", "do_normalize", "image_mean",
+            "image_std")
+    chosen = {key: config.get(key) for key in keys}
+    return type(image_processor).__name__ + json.dumps(chosen, sort_keys=True, separators=(",", ":"))
+
+
+def _hf_encoders(model: Any, processor: Any, device: str, model_id: str, revision: str) -> Encoders:
+    model = model.to(device).eval()
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    max_tokens = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+
+    def encode_images(images: list[Image.Image]) -> Any:
+        pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return model.get_image_features(pixel_values=pixels.to(device))
+
+    def encode_texts(texts: list[str]) -> Any:
+        # Explicit truncation keeps the end token that CLIP pools at (slicing ids would drop it).
+        tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        return model.get_text_features(
+            input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+        )
+
+    def count_tokens(text: str) -> int:
+        # tokenize() + special tokens: the untruncated length, without the too-long-sequence warning.
+        return len(tokenizer.tokenize(text)) + tokenizer.num_special_tokens_to_add(pair=False)
+
+    preprocessing = _describe_image_processor(image_processor)
+    return Encoders(model_id, revision, preprocessing, max_tokens, encode_images, encode_texts, count_tokens)
+
+
+def _split_revision(spec: str, revision: str | None) -> tuple[str, str]:
+    if "@" in spec:
+        spec, revision = spec.split("@", 1)
+    return spec, revision or KNOWN_REVISIONS.get(spec, "main")
+
+
+def _not_cached(model_id: str, revision: str, reason: str) -> ProbeError:
+    return ProbeError(
+        f"CLIP model {model_id!r} (revision {revision}) is not available offline: {reason}. "
+        f"Fetch it on a machine with internet with `hf download {model_id} --revision {revision}` "
+        f"(`huggingface-cli download` in older huggingface_hub), or point `clip_model:` in the suite "
+        f"(or `--clip-model`) at a local folder holding it; `tiny` selects the embedded test model."
+    )
+
+
+def _weights_present(folder: Path) -> bool:
+    """Whether a transformers checkpoint folder holds its weights: one file, or an index with all its shards."""
+    if any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        return True
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        try:
+            shards = set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        return all((folder / shard).is_file() for shard in shards)
+    return False
+
+
+def _snapshot_lacks(folder: Path) -> list[str]:
+    """What a cached CLIP snapshot lacks for CLIPModel + CLIPProcessor (checked before loading: transformers'
+    own error for a missing file is a long OSError, and a missing vocabulary can pass silently)."""
+    lacks = [] if _weights_present(folder) else ["its weights (model.safetensors)"]
+    if not any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        lacks.append("preprocessor_config.json")  # transformers 5 saves processor_config.json instead
+    if not ((folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in ("vocab.json", "merges.txt"))):
+        lacks.append("its tokenizer (vocab.json and merges.txt, or tokenizer.json)")
+    return lacks
+
+
+def _load_hub(model_id: str, revision: str, device: str) -> Encoders:
+    """From the local HF cache only; the snapshot folder's name is the resolved commit."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from transformers import CLIPModel, CLIPProcessor
+
+    found = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    if not isinstance(found, str):
+        raise _not_cached(model_id, revision, f"not in the Hugging Face cache {constants.HF_HUB_CACHE}")
+    snapshot = Path(found).parent
+    lacks = _snapshot_lacks(snapshot)
+    if lacks:
+        raise _not_cached(model_id, revision, f"its cached snapshot {snapshot} lacks {', '.join(lacks)}")
+    try:
+        model = CLIPModel.from_pretrained(snapshot, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(snapshot, local_files_only=True)
+    except OSError as error:
+        raise _not_cached(model_id, revision, f"incomplete in the cache ({error})") from error
+    return _hf_encoders(model, processor, device, model_id, snapshot.name)
+
+
+def _load_folder(folder: Path, device: str) -> Encoders:
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(folder, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    except OSError as error:
+        raise ProbeError(f"cannot load a CLIP model from folder {folder}: {error}") from error
+    revision = _fingerprint([path for path in folder.iterdir() if path.is_file()])
+    return _hf_encoders(model, processor, device, str(folder), revision)
+
+
+def _load_tiny(device: str) -> Encoders:
+    from probe.embedded.tiny_clip import TINY_CLIP_REVISION, build_tiny_clip
+
+    model, processor = build_tiny_clip()
+    return _hf_encoders(model, processor, device, "tiny", TINY_CLIP_REVISION)
+
+
+def _load_open_clip(arch: str, weights: Path, device: str) -> Encoders:
+    """open_clip architecture + weights file; only BPE-tokenizer archs (OpenAI/LAION ViTs such as ViT-H-14)."""
+    import open_clip
+    import torch
+
+    if not weights.is_file():
+        raise ProbeError(f"open_clip weights file {weights} not found (spec open_clip:{arch}:{weights})")
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights), device=device)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(arch)
+    if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer) or tokenizer.reduction_fn is not None:
+        raise ProbeError(f"open_clip arch {arch!r} uses a tokenizer probe does not support (only CLIP BPE)")
+
+    def encode_images(images: list[Image.Image]) -> Any:
+        return model.encode_image(torch.stack([preprocess(image) for image in images]).to(device))
+
+    def encode_texts(texts: list[str]) -> Any:
+        return model.encode_text(tokenizer(texts).to(device))
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer.encode(text)) + 2  # start and end tokens
+
+    preprocessing = "open_clip:" + " ".join(str(preprocess).split())
+    return Encoders(f"open_clip:{arch}", _fingerprint([weights]), preprocessing, tokenizer.context_length,
+                    encode_images, encode_texts, count_tokens)
+
+
+def load_encoders(spec: str, device: str = "cpu", revision: str | None = None) -> Encoders:
+    """Load the CLIP model a spec names: "tiny", a folder, "open_clip:ARCH:FILE", or a hub id[@revision]."""
+    if spec == "tiny":
+        return _load_tiny(device)
+    if spec.startswith("open_clip:"):
+        parts = spec.split(":", 2)
+        if len(parts) != 3:
+            raise ProbeError(f"open_clip spec must be open_clip:ARCH:WEIGHTS_FILE, got {spec!r}")
+        return _load_open_clip(parts[1], Path(parts[2]).expanduser(), device)
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return _load_folder(folder.resolve(), device)
+    model_id, resolved = _split_revision(spec, revision)
+    return _load_hub(model_id, resolved, device)

@@ -1,0 +1,59 @@
+"""The one way probe writes a file that others read: a temporary file in the same folder, then a rename.
+
+A reader (another process, a resumed run, a report) sees either the old file or the whole new one, never half
+of one; a process killed mid-write leaves at most a stray `.tmp` file. `durable` also fsyncs before the
+rename, for data that must survive a power cut (images, tables, logs); derived files that can be remade
+(thumbnails, the report page) skip it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def default_cache_dir() -> Path:
+    """`PROBE_CACHE` if set, else the user cache folder (e.g. ~/.cache/probe)."""
+    env = os.environ.get("PROBE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("probe"))
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write bytes to `path` through a temporary file and a rename (fsynced first when `durable`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    """A table as parquet, written with `atomic_write_bytes`, so readers never see half a file."""
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def replace_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` (relative), atomically: a new link under a temporary name, then a rename."""
+    tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)

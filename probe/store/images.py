@@ -1,0 +1,63 @@
+"""Content-addressed image cache shared by all runs: one PNG per Job.key, written atomically.
+
+A file in the store is always complete: it is written to a temporary name in the same folder, flushed
+to disk, then renamed over the final name, so a process killed at any moment leaves either no file or a
+whole one (a stray `.tmp` at worst, which is ignored and cleaned up).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from probe.store.atomic import atomic_write_bytes, default_cache_dir
+
+
+class ImageStore:
+    """PNG files under `<root>/images/<key[:2]>/<key>.png`."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+
+    def path(self, key: str) -> Path:
+        """Where the image for `key` lives (whether or not it exists yet)."""
+        return self.root / "images" / key[:2] / f"{key}.png"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def put(self, key: str, image: Image.Image) -> Path:
+        """Save `image` as the PNG for `key`; the key is also written into the PNG's text chunk."""
+        import io
+
+        info = PngImagePlugin.PngInfo()
+        info.add_text("probe-key", key)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", pnginfo=info)
+        target = self.path(key)
+        atomic_write_bytes(target, buffer.getvalue())
+        return target
+
+    def open(self, key: str) -> Image.Image:
+        """The stored image, fully loaded."""
+        with Image.open(self.path(key)) as image:
+            image.load()
+            return image.copy()
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Place `source` at `target` (hard link when on the same disk, else a copy), atomically."""
+    if target.is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)

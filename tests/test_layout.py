@@ -1,0 +1,93 @@
+"""The house by stages, enforced: import contracts, no import cycles, reports that need no model code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+import pytest
+
+from tests.conftest import REPO
+
+STAGES = ["spec", "plan", "embedded", "generate", "store", "run", "score", "stats", "analyse", "gate", "report", "cli"]
+
+
+def test_import_contracts_hold():
+    """pyproject's [tool.importlinter] layers and forbidden contracts (the same check `make test` runs)."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(lint)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "0 broken" in proc.stdout
+
+
+def _cycles(graph: grimp.ImportGraph, modules: set[str]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), i.e. import cycles."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for other in graph.find_modules_directly_imported_by(module) & modules:
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in on_stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                item = stack.pop()
+                on_stack.discard(item)
+                component.append(item)
+                if item == module:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(modules):
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_no_module_imports_itself_through_others():
+    graph = grimp.build_graph("probe", exclude_type_checking_imports=True)
+    modules = {m for m in graph.modules if m.startswith("probe.")}
+    assert _cycles(graph, modules) == []
+
+
+def test_every_stage_is_a_package_with_a_docstring_that_says_its_job():
+    import importlib
+
+    for stage in STAGES:
+        module = importlib.import_module(f"probe.{stage}")
+        assert (REPO / "probe" / stage / "__init__.py").is_file()
+        assert module.__doc__ and len(module.__doc__.split()) >= 8, stage
+
+
+@pytest.mark.slow
+def test_a_report_re_renders_without_model_or_metric_code(smoke_run, tmp_path):
+    """`probe report` reads files alone: no torch, no scoring or generation module is imported."""
+    root, _, proc = smoke_run
+    assert proc.returncode == 0, proc.stderr
+    run = (root / "reports" / "smoke" / "latest").resolve()
+    code = ("import sys; from probe.report import build_report; build_report(sys.argv[1]); "
+            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('probe.score', 'probe.generate', "
+            "'probe.run', 'diffusers', 'transformers'))); print(bad); sys.exit(1 if bad else 0)")
+    check = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, cwd=REPO,
+                           timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = grimp.ImportGraph()
+    for importer, imported in (("p.a", "p.b"), ("p.b", "p.c"), ("p.c", "p.a"), ("p.c", "p.d")):
+        graph.add_import(importer=importer, imported=imported)
+    assert _cycles(graph, {"p.a", "p.b", "p.c", "p.d"}) == [["p.a", "p.b", "p.c"]]
