@@ -56,10 +56,9 @@ class Run:
     @property
     def subject(self) -> str:
         """The subject model's label (the suite's first model)."""
-        models = self.manifest.get("suite", {}).get("models") or []
-        if models:
-            return str(models[0].get("name") or models[0]["preset"])
-        return str(self.jobs["model"].iloc[0])
+        from probe.store.tables import run_models
+
+        return run_models(self.manifest, self.jobs)[0]
 
     def frame(self) -> pd.DataFrame:
         """Jobs joined with per-image scores: one row per image, one column per series (and `<series>_label`)."""

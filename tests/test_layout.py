@@ -91,3 +91,31 @@ def test_the_cycle_finder_finds_a_cycle():
     for importer, imported in (("p.a", "p.b"), ("p.b", "p.c"), ("p.c", "p.a"), ("p.c", "p.d")):
         graph.add_import(importer=importer, imported=imported)
     assert _cycles(graph, {"p.a", "p.b", "p.c", "p.d"}) == [["p.a", "p.b", "p.c"]]
+
+
+def test_a_run_folder_written_before_the_new_layout_still_loads(tmp_path):
+    """tests/fixtures/run-v1 was written by probe at b744f5d (schema 1: a metric's label in `metric`)."""
+    import json
+    import shutil
+
+    import probe
+    from probe.gate.baseline import baseline_from_run
+    from probe.gate.rules import evaluate
+    from probe.gate.verdict import Rule
+    from probe.report import build_report
+    from probe.run.records import RunManifest
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(REPO / "tests" / "fixtures" / "run-v1", run_dir)
+    manifest = RunManifest.model_validate_json((run_dir / "manifest.json").read_text())
+    assert manifest.schema_version == 1 and "schema_version" not in json.loads((run_dir / "manifest.json").read_text())
+    run = probe.load_run(run_dir)
+    assert set(run.scores["series"]) == {"clip_score", "cmmd", "fid[features=clip]", "perceived_gender"}
+    assert set(run.scores.loc[run.scores["series"] == "fid[features=clip]", "metric"]) == {"fid"}
+    summary = run.summary()
+    assert {"series", "metric"} <= set(summary.columns) and "fid[features=clip]" in set(summary["series"])
+    assert "clip_score" in run.frame().columns and not run.deltas().empty
+    html = build_report(run_dir).read_text(encoding="utf-8")
+    assert "fid[features=clip]" in html and "perceived" in html
+    verdict = evaluate(run, baseline_from_run(run_dir), [Rule(metric="fid", max_increase=0.0, mode="strict")])
+    assert verdict.outcomes and all(o.status == "pass" for o in verdict.outcomes)

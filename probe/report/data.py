@@ -39,11 +39,9 @@ class RunData:
     @property
     def models(self) -> list[str]:
         """Model labels in suite order (the subject first), then any others seen in the jobs."""
-        labels = list(self.manifest.get("presets") or {})
-        suite_models = (self.manifest.get("suite") or {}).get("models") or []
-        labels += [m.get("name") or m.get("preset") for m in suite_models if isinstance(m, dict)]
-        labels += list(self.jobs["model"]) if "model" in self.jobs else []
-        return list(dict.fromkeys(str(label) for label in labels if label))
+        from probe.store.tables import run_models
+
+        return run_models(self.manifest, self.jobs)
 
     @property
     def subject(self) -> str | None:

@@ -19,8 +19,8 @@ import pandas as pd
 from probe.errors import UsageError, suggest
 from probe.run.folder import RunDir
 from probe.run.manifest import device_info, now_iso, package_versions
-from probe.run.records import RunCounts, RunManifest
-from probe.spec.metric_catalog import METRICS
+from probe.run.records import SCHEMA_VERSION, RunCounts, RunManifest
+from probe.spec.metric_catalog import DEFAULT_CLIP_MODEL, METRICS
 from probe.spec.schema import MetricReference, MetricSpec
 from probe.store.atomic import write_parquet_atomic
 from probe.store.images import link_or_copy
@@ -39,7 +39,7 @@ class ScoreRequest:
     reference: Path | None = None
     out: Path = Path("reports")
     name: str | None = None
-    clip_model: str = "openai/clip-vit-large-patch14"
+    clip_model: str = DEFAULT_CLIP_MODEL
     device: str = "cpu"
     cache_dir: Path | None = None
     debug: bool = False
@@ -171,7 +171,8 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     jobs = _job_rows(rows, request, run)
     write_parquet_atomic(jobs, run.path / "jobs.parquet")
     manifest = RunManifest(
-        probe_version=package_versions().get("probe", "unknown"), suite_name=name, suite_path=str(request.prompts),
+        probe_version=package_versions().get("probe", "unknown"), schema_version=SCHEMA_VERSION, suite_name=name,
+        suite_path=str(request.prompts),
         suite_sha256="", suite={"images": str(request.images), "prompts": str(request.prompts),
                                 "metrics": list(request.metrics), "reference": str(request.reference or "")},
         plan_sha256=hashlib.sha256("".join(jobs["key"]).encode()).hexdigest(), presets={},

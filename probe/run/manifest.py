@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from probe.plan.job import Job
 from probe.plan.planner import resolve_model
-from probe.run.records import RunCounts, RunManifest
+from probe.run.records import SCHEMA_VERSION, RunCounts, RunManifest
 
 if TYPE_CHECKING:
     from probe.run.options import RunOptions
@@ -59,6 +59,7 @@ def build_manifest(
     presets = {m.label: resolve_model(m, options.model_override, loaded.base_dir).as_record() for m in loaded.suite.models}
     return RunManifest(
         probe_version=metadata.version("probe") if _installed("probe") else "unknown",
+        schema_version=SCHEMA_VERSION,
         suite_name=loaded.suite.name,
         suite_path=str(loaded.path.resolve()),
         suite_sha256=suite_sha,

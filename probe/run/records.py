@@ -9,6 +9,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: Version of the run folder's tables. 1: a metric's label in `metric` (before metric identity was data);
+#: 2: `metric`, `args`, `series` and `config_id` as separate columns, set rows with jackknife CIs. Readers
+#: upgrade older folders on read (probe.store.tables), so every run folder ever written still loads.
+SCHEMA_VERSION = 2
+
 
 class JobResult(BaseModel):
     """What happened to one job in one run; appended to the run's progress log as it happens."""
@@ -38,6 +43,7 @@ class RunManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     probe_version: str
+    schema_version: int = Field(default=1, description="Version of the run folder's tables (absent: 1).")
     suite_name: str
     suite_path: str
     suite_sha256: str = Field(description="Hash of the resolved suite (after defaults and overrides).")

@@ -64,3 +64,16 @@ def load_run_tables(run_dir: Path) -> RunTables:
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     return RunTables(run_dir, manifest, pd.read_parquet(run_dir / "jobs.parquet"), read_scores(run_dir))
+
+
+def run_models(manifest: dict[str, Any], jobs: pd.DataFrame) -> list[str]:
+    """Model labels in suite order (the subject first), then any others seen in the jobs.
+
+    The one definition of a run's models and its subject (`run_models(...)[0]`), shared by the Python API,
+    the report and the driver's deltas.
+    """
+    labels = list(manifest.get("presets") or {})
+    suite_models = (manifest.get("suite") or {}).get("models") or []
+    labels += [m.get("name") or m.get("preset") for m in suite_models if isinstance(m, dict)]
+    labels += list(jobs["model"]) if "model" in jobs else []
+    return list(dict.fromkeys(str(label) for label in labels if label))
