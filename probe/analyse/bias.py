@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from probe.analyse.groups import groups
 from probe.analyse.pairing import item_columns, pair
 from probe.stats.bootstrap import CONFIDENCE, N_RESAMPLES, cluster_bootstrap
 
@@ -91,13 +92,6 @@ def _cluster_ids(group: pd.DataFrame, cluster: str | None) -> np.ndarray:
     """Cluster labels: `cluster` if given; else prompt when the group pools prompts, else seed (see module doc)."""
     column = cluster or ("prompt" if group["prompt"].nunique() > 1 else "seed")
     return group[column].astype(str).to_numpy()
-
-
-def _groups(rows: pd.DataFrame, by: Sequence[str]) -> Any:
-    """(coords, group) pairs, missing values as their own group; `by=[]` pools everything (if anything)."""
-    if not by:
-        return [((), rows)] if len(rows) else []
-    return rows.groupby(list(by), dropna=False, sort=True)
 
 
 def _coords(by: Sequence[str], coords: object) -> dict[str, object]:
@@ -168,8 +162,8 @@ def label_shares(
     by = list(group_by) if group_by is not None else default_group_by(rows)
     boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
     records = []
-    for coords, group in _groups(rows, by):
-        record = {**_coords(by, coords), "metric": metric, **_share_record(group, scheme, labels, cluster, boot)}
+    for coords, group in groups(rows, by):
+        record = {**coords, "metric": metric, **_share_record(group, scheme, labels, cluster, boot)}
         if scheme.target:
             record.update(_target_distances(record, scheme.target, _reference(group, reference_column, reference_scale)))
         records.append(record)
@@ -260,12 +254,12 @@ def monk_distribution(
     rows = _metric_rows(frame, metric)
     by = list(group_by) if group_by is not None else default_group_by(rows)
     records = []
-    for coords, group in _groups(rows, by):
+    for coords, group in groups(rows, by):
         tones = group["label"].to_numpy()
         counts = (tones[:, None] == np.array(MONK_TONES)[None, :]).sum(axis=0).astype(float)
         n_labelled = int(counts.sum())
         n_unknown = int((tones == "unknown").sum())
-        record: dict[str, object] = {**_coords(by, coords), "metric": metric, "n_generated": len(group),
+        record: dict[str, object] = {**coords, "metric": metric, "n_generated": len(group),
                                      "n_labelled": n_labelled, "n_unknown": n_unknown,
                                      "n_other": len(group) - n_labelled - n_unknown,
                                      "coverage": n_labelled / len(group), "n_prompts": group["prompt"].nunique(),

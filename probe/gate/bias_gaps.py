@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from probe.analyse.bias import BLS_REFERENCE, label_shares
+from probe.analyse.groups import groups
 from probe.analyse.pairing import item_columns, pair
 from probe.errors import UsageError
 from probe.gate.verdict import Outcome, Rule, decide
@@ -92,12 +93,10 @@ def _scoped(frame: pd.DataFrame, rule: Rule) -> pd.DataFrame:
 
 def _groups(frame: pd.DataFrame) -> Any:
     several = frame["series"].nunique() > 1
-    for coords, rows in frame.groupby([*SCOPE, "series"], sort=True):
-        group = dict(zip([*SCOPE, "series"], coords, strict=True))
-        group["steps"] = int(group["steps"])
+    for coords, rows in groups(frame, [*SCOPE, "series"]):
         if not several:
-            del group["series"]
-        yield group, rows
+            del coords["series"]
+        yield coords, rows
 
 
 def _outcome(rule: Rule, group: dict[str, Any], values: pd.Series, base: float | None) -> Outcome:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from probe.analyse.aggregate import latest_config, per_image
+from probe.analyse.groups import groups
 from probe.analyse.pairing import pair
 from probe.errors import UsageError, suggest
 from probe.gate.baseline import Baseline
@@ -96,13 +97,10 @@ def _evaluate_rule(rule: Rule, images: pd.DataFrame, sets: pd.DataFrame, baselin
 
 def _groups(frame: pd.DataFrame, rule: Rule) -> Iterable[tuple[dict[str, Any], pd.DataFrame]]:
     """(group, rows) per scope x series; the series is named in the group when the rule names its base metric."""
-    for coords, group in frame.groupby([*SCOPE, "series"], dropna=False, sort=True):
-        group_coords = {k: (None if pd.isna(v) else v) for k, v in zip([*SCOPE, "series"], coords, strict=True)}
-        if group_coords["steps"] is not None:
-            group_coords["steps"] = int(group_coords["steps"])
-        if group_coords["series"] == rule.metric:
-            del group_coords["series"]
-        yield group_coords, group
+    for coords, rows in groups(frame, [*SCOPE, "series"]):
+        if coords["series"] == rule.metric:
+            del coords["series"]
+        yield coords, rows
 
 
 def _per_image_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | None) -> list[Outcome]:
