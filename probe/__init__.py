@@ -15,7 +15,7 @@ from probe.errors import ProbeError, UsageError
 
 if TYPE_CHECKING:
     from probe.api import Run, compare, load_run
-    from probe.plan.planner import plan_jobs as plan
+    from probe.planning.planner import plan_jobs as plan
     from probe.spec.loader import load_suite
 
 _LAZY = {
@@ -23,7 +23,7 @@ _LAZY = {
     "load_run": ("probe.api", "load_run"),
     "compare": ("probe.api", "compare"),
     "load_suite": ("probe.spec.loader", "load_suite"),
-    "plan": ("probe.plan.planner", "plan_jobs"),
+    "plan": ("probe.planning.planner", "plan_jobs"),
 }
 
 __all__ = ["ProbeError", "UsageError", "Run", "load_run", "compare", "load_suite", "plan"]

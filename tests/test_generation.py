@@ -20,7 +20,7 @@ from probe.embedded.tiny_sd import build_tiny_pipeline, build_tiny_tokenizer, ti
 from probe.errors import ProbeError
 from probe.generate.adapter import PipelineAdapter, initial_latents
 from probe.generate.loading import ensure_available, load_txt2img, parse_scheduler
-from probe.plan.job import Job
+from probe.planning.job import Job
 from probe.spec.presets import TINY_ID
 
 SCHEDULER = "EulerDiscreteScheduler(trailing)"
@@ -386,7 +386,7 @@ def test_probe_package_import_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, probe, probe.plan.job, probe.spec.presets; print('torch' in sys.modules)"
+    code = "import sys, probe, probe.planning.job, probe.spec.presets; print('torch' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"

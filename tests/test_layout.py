@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 
-STAGES = ["spec", "plan", "embedded", "generate", "store", "run", "score", "stats", "analyse", "gate", "report", "cli"]
+STAGES = ["spec", "planning", "embedded", "generate", "store", "run", "score", "stats", "analyse", "gate", "report", "cli"]
 
 
 def test_import_contracts_hold():
@@ -119,3 +119,12 @@ def test_a_run_folder_written_before_the_new_layout_still_loads(tmp_path):
     assert "fid[features=clip]" in html and "perceived" in html
     verdict = evaluate(run, baseline_from_run(run_dir), [Rule(metric="fid", max_increase=0.0, mode="strict")])
     assert verdict.outcomes and all(o.status == "pass" for o in verdict.outcomes)
+
+
+def test_public_imports_keep_working_after_the_stages_are_imported():
+    """`probe.plan` is a function: no stage package may share its name and shadow it once imported."""
+    code = ("import probe, probe.planning.job, probe.spec.loader, probe.api; "
+            "assert callable(probe.plan) and callable(probe.load_suite); "
+            "assert callable(probe.load_run) and callable(probe.compare) and probe.Run.__name__ == 'Run'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from probe.plan.planner import plan_jobs, resolve_model
+from probe.planning.planner import plan_jobs, resolve_model
 from probe.run.folder import RunDir
 from probe.spec.loader import load_suite
 
@@ -207,7 +207,7 @@ def test_changed_bytes_change_the_key_even_with_the_old_size_and_mtime(write_sui
 
 
 def test_file_hashes_are_memoised_in_the_probe_cache(write_suite, tmp_path, monkeypatch, isolated_cache):
-    from probe.plan import pinning as fingerprint
+    from probe.planning import pinning as fingerprint
 
     local_pipeline(tmp_path / "ft")
     reads: list[Path] = []

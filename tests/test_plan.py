@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from probe.errors import UsageError
-from probe.plan.planner import count_jobs, plan_jobs, plan_sha256
+from probe.planning.planner import count_jobs, plan_jobs, plan_sha256
 from probe.spec.loader import load_suite
 from tests.conftest import REPO, SUITES
 
@@ -70,7 +70,7 @@ def test_keys_are_stable_across_processes(write_suite):
     path = write_suite(GRID)
     here = [j.key for j in plan_jobs(load_suite(path))]
     code = (
-        "import json; from probe.spec.loader import load_suite; from probe.plan.planner import plan_jobs;"
+        "import json; from probe.spec.loader import load_suite; from probe.planning.planner import plan_jobs;"
         f"print(json.dumps([j.key for j in plan_jobs(load_suite({str(path)!r}))]))"
     )
     there = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

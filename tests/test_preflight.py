@@ -106,7 +106,7 @@ def test_prepare_metrics_tries_every_metric(monkeypatch, tmp_path):
 
 
 def hub_job(dtype: str = "float32", repo: str = "org/model", **fields: Any):
-    from probe.plan.job import Job
+    from probe.planning.job import Job
 
     values: dict[str, Any] = dict(
         probe="p", model="m", preset="sd-turbo", model_id=repo, revision=COMMIT_A, scheduler="repo-default",

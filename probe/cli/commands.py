@@ -161,7 +161,7 @@ def score(
 @suites_app.command("validate")
 def validate(files: Annotated[list[Path], typer.Argument(help="Suite YAML files.")]) -> None:
     """Check suites without running anything; print the jobs per probe and model."""
-    from probe.plan.planner import count_jobs, plan_jobs
+    from probe.planning.planner import count_jobs, plan_jobs
     from probe.spec.loader import load_suite
 
     failed = False

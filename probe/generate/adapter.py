@@ -16,10 +16,10 @@ from PIL import Image
 
 from probe.errors import ProbeError
 from probe.generate.loading import Pipeline, load_txt2img
-from probe.plan.planner import device_class
+from probe.planning.planner import device_class
 
 if TYPE_CHECKING:
-    from probe.plan.job import Job
+    from probe.planning.job import Job
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 
 from probe.embedded.tiny_sd import TINY_REVISION, build_tiny_pipeline
 from probe.errors import ProbeError, suggest
-from probe.plan.pinning import (
+from probe.planning.pinning import (
     FP16_WEIGHTS,
     looks_like_path,
     lora_weights_file,
@@ -30,7 +30,7 @@ from probe.plan.pinning import (
 from probe.spec.presets import TINY_ID, Preset, get_preset
 
 if TYPE_CHECKING:
-    from probe.plan.job import Job
+    from probe.planning.job import Job
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from probe.plan.job import Job
+from probe.planning.job import Job
 from probe.run.records import JobResult, RunManifest
 from probe.store.atomic import atomic_write_bytes, replace_symlink, write_parquet_atomic
 

@@ -10,8 +10,8 @@ import time
 from importlib import metadata
 from typing import TYPE_CHECKING
 
-from probe.plan.job import Job
-from probe.plan.planner import resolve_model
+from probe.planning.job import Job
+from probe.planning.planner import resolve_model
 from probe.run.records import SCHEMA_VERSION, RunCounts, RunManifest
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probe.errors import UsageError, suggest
-from probe.plan.job import Job
-from probe.plan.pinning import pin
+from probe.planning.job import Job
+from probe.planning.pinning import pin
 from probe.spec.loader import InitImage, LoadedSuite
 from probe.spec.presets import PRESETS, TINY_ID, Preset
 from probe.spec.schema import ModelEntry
@@ -58,7 +58,7 @@ def dtype_for(device: str) -> str:
 def resolve_model(entry: ModelEntry, override: str | None = None, base: Path = Path(".")) -> ResolvedModel:
     """Apply the preset, the entry's id/revision overrides, and a --model override (which wins).
 
-    Then pin what the key sees (probe.plan.pinning): local folders (relative to `base`, the suite's
+    Then pin what the key sees (probe.planning.pinning): local folders (relative to `base`, the suite's
     folder) by their contents, hub branches and tags (or no revision) by the commit the local cache holds,
     so a Job key changes when the weights do.
     """

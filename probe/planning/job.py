@@ -55,7 +55,7 @@ class Job(BaseModel):
 
         def weights(reference: str | None, revision: str | None) -> str | None:
             # A local folder or file is pinned by content (revision 'local-<sha256>', see
-            # probe.plan.pinning): the key sees 'local:<sha256>' instead of its absolute path, so moved
+            # probe.planning.pinning): the key sees 'local:<sha256>' instead of its absolute path, so moved
             # or copied weights keep their images. Hub ids and the tiny model pass through unchanged.
             from pathlib import PurePath
 
