@@ -10,9 +10,6 @@ import pandas as pd
 from probe.spec import metric_catalog as catalog
 
 DASH = "\u2014"
-#: Fallback directions of score rows that are not catalog entries (the catalog's own table wins).
-_DIRECTIONS = {"ocr_exact": "higher", "ocr_cer": "lower", "ocr_f1": "higher", "ocr_detected": "higher",
-               "faces": "none", "perceived_gender": "none", "skin_tone": "none"}
 ARROWS = {"higher": "\u2191", "lower": "\u2193", "none": ""}
 
 
@@ -74,17 +71,13 @@ def fmt_pct(value: Any) -> str:
 
 
 def direction(metric: str) -> str:
-    """higher | lower | none, from the metric catalog (or the OCR/bias family tables)."""
-    info = catalog.METRICS.get(metric)
-    if info is not None:
-        return info.direction
-    derived: dict[str, str] = getattr(catalog, "DERIVED_DIRECTIONS", {})
-    return derived.get(metric) or _DIRECTIONS.get(metric, "none")
+    """higher | lower | none for a score row, from the metric registry (where each row's direction is declared once)."""
+    return catalog.direction_of(metric)
 
 
 def description(metric: str) -> str:
-    info = catalog.METRICS.get(metric)
-    return info.description if info is not None else ""
+    """What a score row means, for a column's tooltip ("" for a row no installed metric declares)."""
+    return catalog.description_of(metric)
 
 
 def better(metric: str, delta: Any) -> bool | None:

@@ -10,17 +10,23 @@ from probe.analyse.aggregate import per_image
 from probe.report.data import RunData
 from probe.report.fmt import fmt, fmt_coord, missing
 from probe.report.grids import Thumbnails, image_cell
+from probe.spec.metric_catalog import METRICS
 
-OCR_METRICS = ["ocr_exact", "ocr_cer", "ocr_f1", "ocr_detected"]
 SAMPLE_ROWS = 200
+
+
+def ocr_rows() -> list[str]:
+    """The score rows the ocr metric writes, as its catalog record declares them (ocr_exact, ocr_cer, ...)."""
+    return list(METRICS["ocr"].outputs)
 
 
 def text_section(data: RunData, probe: str, summary: dict[str, Any], thumbs: Thumbnails) -> dict[str, Any]:
     """Aggregates of the OCR metrics (from the probe's summary) and up to SAMPLE_ROWS per-image read-backs."""
-    columns = [c for c in summary["columns"] if c["base"] in OCR_METRICS]
+    names = ocr_rows()
+    columns = [c for c in summary["columns"] if c["base"] in names]
     jobs = data.jobs[data.jobs["probe"] == probe]
     scores = per_image(jobs, data.scores) if not data.scores.empty else pd.DataFrame()
-    ocr = scores[scores["metric"].isin(OCR_METRICS)] if not scores.empty else scores
+    ocr = scores[scores["metric"].isin(names)] if not scores.empty else scores
     values = {(r.key, r.metric): r.value for r in ocr.itertuples()} if not ocr.empty else {}
     read: dict[str, str] = {}
     for row in ocr.itertuples() if not ocr.empty else []:

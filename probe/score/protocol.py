@@ -4,20 +4,23 @@ Two kinds of metric:
 - per-image metrics (`ImageMetric`) emit one Score per image (clip_score, faces, ocr ...);
 - set metrics (`SetMetric`) emit one Score per group of images they describe (fid, kid, cmmd), e.g. the
   images of one probe x model x steps x strength against a reference set.
-Both declare their direction and a `config()` recorded in the manifest, so every number can be traced to
-the model, revision and preprocessing that produced it.
+Both give a `config()` recorded in the manifest, so every number can be traced to the model, revision and
+preprocessing that produced it. What a metric is called and which way is better is not declared here but in
+its catalog record (probe.spec.metric_catalog), which reports and validation read without importing this
+package; a `Metric` subclass links to its record with `info = METRICS["name"]`, and `@registered` adds a
+user's metric in-process.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
-from probe.errors import UsageError, suggest
-from probe.spec.metric_catalog import METRICS
+from probe.errors import ProbeError
+from probe.spec.metric_catalog import METRICS, Direction, Kind, MetricInfo, register_metric
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,7 +29,8 @@ if TYPE_CHECKING:
     from probe.stats.jackknife import Design, Interval
     from probe.store.features import FeatureCache
 
-Direction = Literal["higher", "lower", "none"]
+__all__ = ["Direction", "ImageItem", "ImageMetric", "ImageSet", "Metric", "Score", "ScoringContext", "SetMetric",
+           "build_metric", "registered"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,6 @@ class ImageMetric(Protocol):
     """A metric computed independently for each image."""
 
     name: ClassVar[str]
-    direction: ClassVar[Direction]
     kind: ClassVar[Literal["image"]]
 
     def config(self, ctx: ScoringContext) -> dict[str, Any]: ...
@@ -110,7 +113,6 @@ class SetMetric(Protocol):
     """
 
     name: ClassVar[str]
-    direction: ClassVar[Direction]
     kind: ClassVar[Literal["set"]]
     ci_groups: int
 
@@ -124,10 +126,73 @@ class SetMetric(Protocol):
                  extra: dict[str, Any]) -> Interval: ...
 
 
+class Metric:
+    """Base for metric implementations: name, kind and direction come from the catalog record `info`.
+
+    A subclass sets only `info` (`info = METRICS["clip_score"]`, or a user's own `MetricInfo`), so these
+    facts are written once, in data that validation and reports read without importing the class.
+    """
+
+    info: ClassVar[MetricInfo]
+    name: ClassVar[str]
+    kind: ClassVar[Kind]
+    direction: ClassVar[Direction | None]
+    """The direction of the metric's own row; None for a metric writing several rows (see `info.outputs`)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        info = cls.__dict__.get("info")
+        if isinstance(info, MetricInfo):
+            cls.name, cls.kind, cls.direction = info.name, info.kind, info.direction
+
+
+M = TypeVar("M", bound=type[Metric])
+
+#: Classes registered with `@registered`, by metric name: built from here, so a class defined in a notebook or a
+#: function works although its "module:attr" target could not be imported again.
+_IN_PROCESS: dict[str, Callable[..., Any]] = {}
+
+
+def registered(cls: M) -> M:
+    """Class decorator: register a `Metric` subclass in-process under its `info` (target filled in from the class).
+
+    Raises:
+        ProbeError: the metric's name or one of its rows is already taken (the message names both).
+    """
+    info = cls.__dict__.get("info")
+    if not isinstance(info, MetricInfo):
+        raise ProbeError(f"@registered {cls.__qualname__}: set `info = MetricInfo(...)` on the class")
+    if not info.target:
+        info = replace(info, target=f"{cls.__module__}:{cls.__qualname__}")
+        cls.info = info
+    register_metric(info)
+    _IN_PROCESS[info.name] = cls
+    return cls
+
+
 def build_metric(name: str, args: dict[str, Any] | None = None) -> ImageMetric | SetMetric:
-    """Import the metric's module (only now) and build it with its suite args."""
-    if name not in METRICS:
-        raise UsageError(f"unknown metric {name!r}{suggest(name, METRICS)}")
-    module_name, attr = METRICS[name].target.split(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    return factory(**(args or {}))
+    """Import the metric's module (only now) and build it with its suite args.
+
+    Raises:
+        UsageError: unknown name (with a suggestion).
+        ProbeError: the implementation cannot be imported, or is not the kind its record says.
+    """
+    info = METRICS.lookup(name)
+    factory = _IN_PROCESS.get(name) or _import_target(info)
+    metric = factory(**(args or {}))
+    expected = SetMetric if info.kind == "set" else ImageMetric
+    if not isinstance(metric, expected):
+        raise ProbeError(f"metric {name!r} ({METRICS.origin(name)}): {info.target} builds a {type(metric).__name__}, "
+                         f"which lacks the {expected.__name__} protocol's members (a {info.kind} metric)")
+    return metric
+
+
+def _import_target(info: MetricInfo) -> Callable[..., Any]:
+    """The object a record's "module:attr" target names; a missing one is a ProbeError naming where it came from."""
+    module_name, attr = info.target.split(":")
+    try:
+        factory: Callable[..., Any] = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ProbeError(f"metric {info.name!r} ({METRICS.origin(info.name)}): cannot import {info.target}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    return factory

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from probe.errors import ProbeError, UsageError, suggest
 from probe.spec.datasets import DATASETS, dataset_path
-from probe.spec.metric_catalog import CHECK_ONLY_METRICS, DERIVED_DIRECTIONS, METRICS
+from probe.spec.metric_catalog import METRICS, check_names
 from probe.spec.presets import PRESETS
 from probe.spec.schema import ALL_FIELD_NAMES, MetricSpec, Probe, PromptFile, Suite, VarFile
 from probe.spec.yaml_source import FieldPath, YamlProblem, format_path, line_of, load_yaml
@@ -164,13 +164,24 @@ def _check_probes(suite: Suite, issues: list[Issue], base: Path) -> None:
         for m_index, spec in enumerate(probe.metrics):
             _check_metric(suite, probe, spec, ("probes", index, "metrics", m_index), issues, base)
     for index, check in enumerate(suite.checks):
-        scored = {**METRICS, **DERIVED_DIRECTIONS, **CHECK_ONLY_METRICS}  # rows a metric writes, bias gaps
-        if check.metric.split("[", 1)[0] not in scored:  # a base metric, or one of its series ('fid[features=clip]')
-            issues.append((("checks", index, "metric"), f"unknown metric {check.metric!r}{suggest(check.metric, scored)}"))
+        _check_check_metric(check.metric, ("checks", index, "metric"), issues)
         if check.probe is not None and check.probe not in names:
             issues.append((("checks", index, "probe"), f"unknown probe {check.probe!r}{suggest(check.probe, names)}"))
         if check.model is not None and check.model not in labels:
             issues.append((("checks", index, "model"), f"unknown model {check.model!r}{suggest(check.model, labels)}"))
+
+
+def _check_check_metric(metric: str, where: FieldPath, issues: list[Issue]) -> None:
+    """A rule gates on a score row some metric writes (or one of its series, 'fid[features=clip]'), or a bias gap."""
+    base = metric.split("[", 1)[0]
+    names = check_names()
+    if base in names:
+        return
+    info = METRICS.get(base)
+    if info is not None:  # a metric writing rows under other names (ocr): gate on one of them
+        issues.append((where, f"{base} writes the rows {', '.join(info.outputs)}: gate on one of them"))
+    else:
+        issues.append((where, f"unknown metric {metric!r}{suggest(metric, names)}"))
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

@@ -1,71 +1,167 @@
-"""Names of the metrics a suite may list, with lazy "module:attr" targets (no torch at import).
+"""The metric registry: what each metric is called, what rows it writes and which way is better, as data.
 
-A metric appears here only once it is implemented and tested; suites are validated against this.
+Validation (`probe suites validate`) and reports read this without importing torch or probe.score, so a
+metric's implementation is a lazy "module:attr" target, imported only when a run scores with it. Each
+metric's identity (name, kind, outputs with their directions and descriptions) lives in one `MetricInfo`;
+the implementation classes read theirs from here (`info = METRICS["clip_score"]`) instead of repeating it.
+
+A user's package adds a metric without editing probe, as lm-eval's `register_metric` and inspect's `@scorer`
+do: in-process with `register_metric(info)` (or `@registered` on a class, probe.score.protocol), or across
+packages with an entry point in group `probe.metrics` naming a `MetricInfo` object. Entry points are read
+once, on the first lookup, so `import probe` stays cheap; a broken one is a ProbeError that names it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
+
+from probe.errors import ProbeError
+from probe.spec.registry import Registry
+
+Direction = Literal["higher", "lower", "none"]
+Kind = Literal["image", "set"]
+DIRECTIONS: tuple[Direction, ...] = ("higher", "lower", "none")
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 #: The CLIP every CLIP-based metric uses unless a suite or --clip-model says otherwise (as HEIM and torchmetrics).
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
 
 @dataclass(frozen=True)
+class MetricOutput:
+    """One score row a metric writes: scores.parquet holds one value per row, so a metric may write several."""
+
+    direction: Direction
+    """Which values are better: "higher", "lower", or "none" for descriptive values (face counts, labels)."""
+    description: str = ""
+    """What the value means, with its unit; shown as the report column's tooltip."""
+
+
+@dataclass(frozen=True)
 class MetricInfo:
-    """What validation and reports need to know about a metric without importing it."""
+    """Everything validation and reports need to know about a metric, without importing its implementation.
 
-    target: str
-    """"module:attr" of the metric's class, imported only when a run scores with it."""
-    kind: Literal["image", "set"]
-    direction: Literal["higher", "lower", "none"]
+    A metric writing one row gives `direction` (its row is named after it); one writing several gives
+    `outputs` instead, e.g. ocr's ocr_exact, ocr_cer, ocr_f1 and ocr_detected, each with its own direction.
+    """
+
+    name: str
+    """What a suite lists (snake_case); also the row name of a single-output metric."""
+    kind: Kind
+    """"image": one value per image; "set": one value per group of images against a reference set."""
     description: str
+    target: str = ""
+    """"module:attr" of the implementation, imported only when a run scores with it ("" until `@registered`)."""
+    direction: Direction | None = None
+    """Direction of the metric's own row; None when it writes several rows (see `outputs`)."""
+    outputs: Mapping[str, MetricOutput] = field(default_factory=dict, hash=False)
+    """Row name -> output; filled from `direction` for a single-output metric."""
 
-
-METRICS: dict[str, MetricInfo] = {
-    "clip_score": MetricInfo("probe.score.metrics.clip:ClipScore", "image", "higher",
-                             "prompt-image alignment: 100*max(cos(image, prompt), 0) on CLIP embeddings"),
-    "cmmd": MetricInfo("probe.score.metrics.clip:Cmmd", "set", "lower",
-                       "CLIP-embedding MMD to a reference set (Jayasumana et al. 2024), small-sample friendly"),
-    "faces": MetricInfo("probe.score.metrics.faces:Faces", "image", "none",
-                        "face count and boxes (OpenCV Haar cascades: frontal alt2 + mirrored profile, NMS)"),
-    "skin_tone": MetricInfo("probe.score.metrics.skin:SkinTone", "image", "none",
-                            "ITA of the largest face's skin pixels (CIELab median) and the nearest Monk Skin Tone "
-                            "(CIEDE2000); unknown when no face or too few skin pixels"),
-    "perceived_gender": MetricInfo("probe.score.metrics.gender:PerceivedGender", "image", "none",
-                                   "perceived gender presentation of the largest face by CLIP zero-shot "
-                                   "(feminine/masculine/unclear/no_person); never gender identity"),
-    "ocr": MetricInfo("probe.score.metrics.text:Ocr", "image", "higher",
-                      "OCR read-back of the requested text (rapidocr with its bundled PP-OCR models); writes the rows "
-                      "ocr_exact, ocr_cer, ocr_f1 and ocr_detected"),
-    "fid": MetricInfo("probe.score.metrics.fid:Fid", "set", "lower",
-                      "Frechet distance to a reference set on Inception (clean-fid preprocessing) or CLIP features"),
-    "kid": MetricInfo("probe.score.metrics.fid:Kid", "set", "lower",
-                      "Kernel (unbiased polynomial MMD^2) distance to a reference set; subset size adapts to small sets"),
-}
-
-
-#: Directions of score rows whose name is not a suite metric: rows another metric writes (e.g. ocr's ocr_cer).
-DERIVED_DIRECTIONS: dict[str, Literal["higher", "lower", "none"]] = {
-    "ocr_exact": "higher",  # exact match after normalisation
-    "ocr_cer": "lower",  # character error rate, edit distance / target length (uncapped)
-    "ocr_f1": "higher",  # MARIO-Eval word F1
-    "ocr_detected": "higher",  # any text detected
-}
+    def __post_init__(self) -> None:
+        where = f"metric {self.name!r}"
+        if not _NAME.fullmatch(self.name):
+            raise ProbeError(f"{where}: a metric name is snake_case (lower-case letters, digits, _)")
+        if self.kind not in ("image", "set"):
+            raise ProbeError(f"{where}: kind must be 'image' or 'set', not {self.kind!r}")
+        if self.target and (self.target.count(":") != 1 or not all(self.target.split(":"))):
+            raise ProbeError(f"{where}: target {self.target!r} must look like 'package.module:Class'")
+        own = {self.name: MetricOutput(self.direction, self.description)} if self.direction is not None else {}
+        if not (own or self.outputs) or (own and self.outputs and dict(self.outputs) != own):  # replace() gives both
+            raise ProbeError(f"{where}: give either `direction` (one row, named {self.name!r}) or `outputs`")
+        outputs = own or dict(self.outputs)
+        for row, output in outputs.items():
+            if not _NAME.fullmatch(row) or output.direction not in DIRECTIONS:
+                raise ProbeError(f"{where}: output {row!r} needs a snake_case name and a direction in {DIRECTIONS}")
+        if self.kind == "set" and list(outputs) != [self.name]:
+            raise ProbeError(f"{where}: a set metric writes one row per group, named after the metric")
+        object.__setattr__(self, "outputs", MappingProxyType(outputs))
 
 
 #: Names `probe check` rules accept that are computed from labels per group, not stored as score rows
 #: (see probe/gate/bias_gaps.py): gaps of perceived gender presentation from parity and from a reference share.
-CHECK_ONLY_METRICS: dict[str, Literal["higher", "lower", "none"]] = {
+CHECK_ONLY_METRICS: dict[str, Direction] = {
     "feminine_share": "none",
     "parity_gap": "lower",
     "reference_gap": "lower",
 }
 
 
-def direction_of(metric: str) -> Literal["higher", "lower", "none"]:
-    """Whether higher or lower values of a score row are better ("none" for descriptive values)."""
-    if metric in METRICS:
-        return METRICS[metric].direction
-    return DERIVED_DIRECTIONS.get(metric, CHECK_ONLY_METRICS.get(metric, "none"))
+class MetricRegistry(Registry[MetricInfo]):
+    """Metric names and row names share one namespace: a row's direction must have exactly one source."""
+
+    def names_of(self, item: MetricInfo) -> set[str]:
+        return {item.name, *item.outputs}
+
+    def reserved(self) -> Mapping[str, str]:
+        return {name: "a `probe check` bias gap" for name in CHECK_ONLY_METRICS}
+
+    def writer_of(self, row: str) -> tuple[MetricInfo, MetricOutput] | None:
+        """The metric that writes score rows named `row`, and that output; None for an unknown row."""
+        for info in self.values():
+            if row in info.outputs:
+                return info, info.outputs[row]
+        return None
+
+
+_BUILTIN = (
+    MetricInfo("clip_score", "image", "prompt-image alignment: 100*max(cos(image, prompt), 0) on CLIP embeddings",
+               "probe.score.metrics.clip:ClipScore", "higher"),
+    MetricInfo("cmmd", "set", "CLIP-embedding MMD to a reference set (Jayasumana et al. 2024), small-sample friendly",
+               "probe.score.metrics.clip:Cmmd", "lower"),
+    MetricInfo("faces", "image", "face count and boxes (OpenCV Haar cascades: frontal alt2 + mirrored profile, NMS)",
+               "probe.score.metrics.faces:Faces", "none"),
+    MetricInfo("skin_tone", "image", "ITA of the largest face's skin pixels (CIELab median) and the nearest Monk Skin "
+               "Tone (CIEDE2000); unknown when no face or too few skin pixels", "probe.score.metrics.skin:SkinTone",
+               "none"),
+    MetricInfo("perceived_gender", "image", "perceived gender presentation of the largest face by CLIP zero-shot "
+               "(feminine/masculine/unclear/no_person); never gender identity",
+               "probe.score.metrics.gender:PerceivedGender", "none"),
+    MetricInfo("ocr", "image", "OCR read-back of the requested text (rapidocr with its bundled PP-OCR models)",
+               "probe.score.metrics.text:Ocr", outputs={
+                   "ocr_exact": MetricOutput("higher", "exact match of read-back and target after normalisation"),
+                   "ocr_cer": MetricOutput("lower", "character error rate: edit distance / target length (uncapped)"),
+                   "ocr_f1": MetricOutput("higher", "word F1 of read-back against target (MARIO-Eval)"),
+                   "ocr_detected": MetricOutput("higher", "whether any text was detected"),
+               }),
+    MetricInfo("fid", "set", "Frechet distance to a reference set on Inception (clean-fid preprocessing) or CLIP "
+               "features", "probe.score.metrics.fid:Fid", "lower"),
+    MetricInfo("kid", "set", "Kernel (unbiased polynomial MMD^2) distance to a reference set; subset size adapts to "
+               "small sets", "probe.score.metrics.fid:Kid", "lower"),
+)
+
+#: Every metric a suite may list: the built-ins above, then in-process registrations and entry points.
+METRICS = MetricRegistry("metric", "probe.metrics", MetricInfo, _BUILTIN)
+
+
+def register_metric(info: MetricInfo) -> MetricInfo:
+    """Add a metric in-process (its `target` must be importable); returns `info` for `X = register_metric(...)`.
+
+    Raises:
+        ProbeError: its name or one of its rows is already taken; the message names both metrics.
+    """
+    if not info.target:
+        raise ProbeError(f"metric {info.name!r}: give its implementation as target='module:Class'")
+    return METRICS.register(info, f"registered in-process, {info.target}")
+
+
+def direction_of(metric: str) -> Direction:
+    """Whether higher or lower values of a score row are better ("none" for descriptive values and unknown rows)."""
+    found = METRICS.writer_of(metric)
+    if found is not None:
+        return found[1].direction
+    return CHECK_ONLY_METRICS.get(metric, "none")
+
+
+def description_of(metric: str) -> str:
+    """What a score row means ("" for an unknown row)."""
+    found = METRICS.writer_of(metric)
+    return found[1].description if found is not None else ""
+
+
+def check_names() -> list[str]:
+    """Names a `probe check` rule may gate on: every score row a metric writes, and the bias gaps."""
+    return [*(row for info in METRICS.values() for row in info.outputs), *CHECK_ONLY_METRICS]

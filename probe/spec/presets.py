@@ -1,16 +1,21 @@
 """Model presets: one table of data, read by one diffusers adapter (no branch per model).
 
-Pure data, no torch import: `probe suites validate` and `probe models` use it.
+Pure data, no torch import: `probe suites validate` and `probe models` use it. A user's package adds a preset
+without editing probe: `register_preset(Preset(...))` in-process, or an entry point in group `probe.presets`
+naming a `Preset` object (read once, on the first lookup; see probe.spec.registry).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from probe.errors import ProbeError, suggest
+from probe.spec.registry import Registry
 
 Family = Literal["sd", "sdxl", "tiny"]
+_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,15 @@ class Preset:
     role: str = "baseline"
     notes: tuple[str, ...] = field(default_factory=tuple)
     """Caveats the report must show when this preset is compared (e.g. a different base model)."""
+
+    def __post_init__(self) -> None:
+        # Checked here because entry points bring presets from other packages: fail at load, naming the preset.
+        if not _NAME.fullmatch(self.name):
+            raise ProbeError(f"preset {self.name!r}: a preset name is kebab-case (lower-case letters, digits, - .)")
+        if self.family not in get_args(Family):
+            raise ProbeError(f"preset {self.name!r}: unknown family {self.family!r}{suggest(self.family, get_args(Family))}")
+        if not self.steps or len(self.size) != 2:
+            raise ProbeError(f"preset {self.name!r}: needs default `steps` and a (width, height) `size`")
 
     def as_record(self) -> dict[str, object]:
         """The preset as plain data for manifests."""
@@ -126,12 +140,17 @@ _PRESETS: tuple[Preset, ...] = (
     ),
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
+#: Every preset a suite may name: the table above, then in-process registrations and entry points.
+PRESETS = Registry("model preset", "probe.presets", Preset, _PRESETS)
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Add a preset in-process; returns it. ProbeError naming both when its name is taken."""
+    return PRESETS.register(preset, "registered in-process")
 
 
 def get_preset(name: str) -> Preset:
     """Look up a preset by name; unknown names raise with a suggestion."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ProbeError(f"unknown model preset {name!r}{suggest(name, PRESETS)}") from None
+    if name not in PRESETS:
+        raise ProbeError(f"unknown model preset {name!r}{suggest(name, PRESETS)}")
+    return PRESETS[name]

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 
 from probe.score.metrics.clip_loaders import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_REVISION, Encoders, load_encoders
 from probe.score.metrics.kernel_sums import GroupKernel
-from probe.score.protocol import Direction, ImageItem, ImageSet, Score, ScoringContext
+from probe.score.protocol import ImageItem, ImageSet, Metric, Score, ScoringContext
+from probe.spec.metric_catalog import METRICS
 from probe.stats.jackknife import MAX_GROUPS, Design, Interval, jackknife_interval
 from probe.store.features import FeatureCache, text_id
 
@@ -169,7 +170,7 @@ def mmd_rbf(x: np.ndarray, y: np.ndarray, sigma: float = 10.0, scale: float = 10
     return scale * (k_xx + k_yy - 2.0 * k_xy)
 
 
-class ClipScore:
+class ClipScore(Metric):
     """clip_score: prompt-image alignment per image, 100 * max(cos(E_image, E_prompt), 0).
 
     Equal to torchmetrics' CLIPScore on the same model and prompts of at most `max_tokens` tokens. Longer
@@ -177,9 +178,7 @@ class ClipScore:
     truncate with the tokenizer (keeping it), and flag them in `extra["truncated"]`.
     """
 
-    name: ClassVar[str] = "clip_score"
-    direction: ClassVar[Direction] = "higher"
-    kind: ClassVar[Literal["image"]] = "image"
+    info = METRICS["clip_score"]
 
     def __init__(self, batch_size: int = 16) -> None:
         self.batch_size = batch_size
@@ -200,7 +199,7 @@ class ClipScore:
         ]
 
 
-class Cmmd:
+class Cmmd(Metric):
     """cmmd: CLIP-embedding MMD of a set of images against a reference set (Jayasumana et al. 2024,
     "Rethinking FID: Towards a Better Evaluation Metric for Image Generation"; reference implementation
     google-research/google-research/cmmd).
@@ -211,9 +210,7 @@ class Cmmd:
     comparable within probe, not with the paper's tables.
     """
 
-    name: ClassVar[str] = "cmmd"
-    direction: ClassVar[Direction] = "lower"
-    kind: ClassVar[Literal["set"]] = "set"
+    info = METRICS["cmmd"]
 
     def __init__(self, sigma: float = 10.0, scale: float = 1000.0, batch_size: int = 16,
                  ci_groups: int = MAX_GROUPS) -> None:

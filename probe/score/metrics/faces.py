@@ -26,12 +26,13 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from probe.errors import UsageError, suggest
-from probe.score.protocol import Direction, ImageItem, Score, ScoringContext
+from probe.score.protocol import ImageItem, Metric, Score, ScoringContext
+from probe.spec.metric_catalog import METRICS
 
 if TYPE_CHECKING:
     import cv2
@@ -236,16 +237,14 @@ def describe(settings: FaceSettings) -> dict[str, Any]:
     }
 
 
-class Faces:
+class Faces(Metric):
     """faces: number of faces per image, with their boxes (label "face" or "no_face").
 
     Args are `FaceSettings` fields (scale_factor, min_neighbors, min_size, nms_iou, frontal, profile,
     max_side). Other metrics share these detections only when they use the same settings.
     """
 
-    name: ClassVar[str] = "faces"
-    direction: ClassVar[Direction] = "none"
-    kind: ClassVar[Literal["image"]] = "image"
+    info = METRICS["faces"]
 
     def __init__(self, **settings: Any) -> None:
         self.settings = FaceSettings.from_args(settings)

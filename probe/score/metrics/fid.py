@@ -24,7 +24,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -32,7 +32,8 @@ from probe.errors import ProbeError, UsageError, suggest
 from probe.score.metrics.distribution import Gaussian, adapt_subset_size, frechet_to, kid, poly_kernel
 from probe.score.metrics.inception import InceptionExtractor, StandInExtractor
 from probe.score.metrics.kernel_sums import GroupKernel
-from probe.score.protocol import Direction, ImageItem, ImageSet, Score, ScoringContext
+from probe.score.protocol import ImageItem, ImageSet, Metric, Score, ScoringContext
+from probe.spec.metric_catalog import METRICS
 from probe.stats.jackknife import MAX_GROUPS, Design, Interval, jackknife_interval
 from probe.store.atomic import atomic_write_bytes
 
@@ -138,12 +139,8 @@ def reference_stats(extractor: FeatureExtractor, reference: ImageSet, cache: Fea
     return ReferenceStats(gaussian, features)
 
 
-class _ReferenceDistance:
+class _ReferenceDistance(Metric):
     """Shared by Fid and Kid: argument checks, extractor choice, the reference memo, `score_set`."""
-
-    direction: ClassVar[Direction] = "lower"
-    kind: ClassVar[Literal["set"]] = "set"
-    name: ClassVar[str]
 
     def __init__(self, features: FeatureKind = "inception", ci_groups: int = MAX_GROUPS) -> None:
         if features not in FEATURE_KINDS:
@@ -194,7 +191,7 @@ class Fid(_ReferenceDistance):
     than feature dimensions is strongly biased upward; compare values only at equal set sizes.
     """
 
-    name: ClassVar[str] = "fid"
+    info = METRICS["fid"]
 
     def compare(self, features: np.ndarray, reference: np.ndarray) -> tuple[float, dict[str, Any]]:
         """FID of embedded sets; ValueError when either has fewer than 2 rows."""
@@ -226,7 +223,7 @@ class Kid(_ReferenceDistance):
     the record says so (`subset_adapted`), since smaller subsets give a noisier estimate.
     """
 
-    name: ClassVar[str] = "kid"
+    info = METRICS["kid"]
 
     def __init__(
         self,

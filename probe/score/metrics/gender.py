@@ -23,14 +23,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from probe.errors import UsageError
 from probe.score.metrics.clip import ClipBackend, get_clip
 from probe.score.metrics.faces import FaceBox, FaceSettings, crop, describe, faces_for, largest_face
-from probe.score.protocol import Direction, ImageItem, Score, ScoringContext
+from probe.score.protocol import ImageItem, Metric, Score, ScoringContext
+from probe.spec.metric_catalog import METRICS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -114,7 +115,7 @@ def _check_prompts(prompts: Mapping[str, Sequence[str]] | None) -> dict[str, tup
     return {c: tuple(str(p) for p in prompts[c]) for c in CLASSES}
 
 
-class PerceivedGender:
+class PerceivedGender(Metric):
     """perceived_gender: perceived gender presentation of the largest face (CLIP zero-shot), with an unclear band.
 
     Value: p_feminine in [0, 1] (None for `no_person`). Labels: `feminine`, `masculine`, `unclear`,
@@ -130,9 +131,7 @@ class PerceivedGender:
         batch_size: CLIP batch size.
     """
 
-    name: ClassVar[str] = "perceived_gender"
-    direction: ClassVar[Direction] = "none"
-    kind: ClassVar[Literal["image"]] = "image"
+    info = METRICS["perceived_gender"]
 
     def __init__(self, margin: float = 0.2, logit_scale: float = 100.0, no_face_policy: NoFacePolicy = "no_person",
                  crop_margin: float = 0.2, prompts: Mapping[str, Sequence[str]] | None = None,

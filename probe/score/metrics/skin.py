@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 
 from probe.errors import UsageError, suggest
 from probe.score.metrics.faces import FaceBox, FaceSettings, describe, faces_for, largest_face, load_rgb
-from probe.score.protocol import Direction, ImageItem, Score, ScoringContext
+from probe.score.protocol import ImageItem, Metric, Score, ScoringContext
+from probe.spec.metric_catalog import METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def measure_skin(rgb: np.ndarray, rule: str = "lab-band", min_pixels: int = 200,
             "lab_median": [round(float(v), 3) for v in median], "n_skin_pixels": n}
 
 
-class SkinTone:
+class SkinTone(Metric):
     """skin_tone: ITA (value, degrees; higher is lighter) and Monk tone (label "monk_1".."monk_10") of the
     largest face's skin, or label "unknown" with a reason ("no_face", "too_few_skin_pixels").
 
@@ -187,9 +188,7 @@ class SkinTone:
         faces: `FaceSettings` fields; give the same as the `faces` metric to share its detections.
     """
 
-    name: ClassVar[str] = "skin_tone"
-    direction: ClassVar[Direction] = "none"
-    kind: ClassVar[Literal["image"]] = "image"
+    info = METRICS["skin_tone"]
 
     def __init__(self, rule: str = "lab-band", core: float = 0.6, min_skin_pixels: int = 200,
                  min_skin_fraction: float = 0.2, faces: dict[str, Any] | None = None) -> None:

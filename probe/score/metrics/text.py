@@ -6,9 +6,9 @@ document OCR. rapidocr downloads any non-default model lazily, so we resolve the
 ourselves, check they are in the wheel (and their SHA-256), and pass their paths explicitly: the engine can
 never reach the network. rapidocr is imported only when an engine is built, never at `import probe`.
 
-One `Ocr` scorer reads each image once and emits four rows (a scores row holds one value), each a metric of
-its own in the catalog: `ocr_exact`, `ocr_cer`, `ocr_f1` and `ocr_detected` (see `OUTPUTS`). The target
-is the prompt's explicit `text`, else its quoted parts (`text_match.scoring_target`); an image without a
+One `Ocr` scorer reads each image once and emits four rows (a scores row holds one value), declared once as
+the outputs of ocr's catalog record: `ocr_exact`, `ocr_cer`, `ocr_f1` and `ocr_detected` (see `OUTPUTS`). The
+target is the prompt's explicit `text`, else its quoted parts (`text_match.scoring_target`); an image without a
 target still gets `ocr_detected`, and its other rows carry value None with label "no_target".
 """
 
@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from probe.errors import ProbeError, UsageError, suggest
 from probe.score.metrics.text_match import (
@@ -31,19 +31,16 @@ from probe.score.metrics.text_match import (
     scoring_target,
     word_prf,
 )
-from probe.score.protocol import Direction, ImageItem, Score, ScoringContext
+from probe.score.protocol import ImageItem, Metric, Score, ScoringContext
+from probe.spec.metric_catalog import METRICS, Direction
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ENGINES", "OUTPUTS", "Ocr", "OcrReading", "RapidOcrEngine", "bundled_rapidocr_models", "text_scores"]
 
-#: The rows one `Ocr` scorer emits per image, with their directions (each is registered as a metric).
-OUTPUTS: dict[str, Direction] = {
-    "ocr_exact": "higher",
-    "ocr_cer": "lower",
-    "ocr_f1": "higher",
-    "ocr_detected": "higher",
-}
+#: The rows one `Ocr` scorer emits per image, with their directions: read from ocr's catalog record (where they
+#: are declared once); recorded in the config, so its id is the same as when this table was written out here.
+OUTPUTS: dict[str, Direction] = {row: output.direction for row, output in METRICS["ocr"].outputs.items()}
 ENGINES = ("rapidocr",)
 NO_TARGET = "no_target"
 
@@ -187,7 +184,7 @@ def text_scores(key: str, reading: OcrReading, target: str | None, settings: Tex
     return rows
 
 
-class Ocr:
+class Ocr(Metric):
     """ocr: exact match, CER, word F1 and text-detected for each image, from one OCR reading.
 
     Args:
@@ -197,10 +194,7 @@ class Ocr:
         text_score, box_thresh, det_limit_side_len: engine thresholds (rapidocr defaults).
     """
 
-    name: ClassVar[str] = "ocr"
-    direction: ClassVar[Direction] = "higher"
-    kind: ClassVar[Literal["image"]] = "image"
-    outputs: ClassVar[dict[str, Direction]] = OUTPUTS
+    info = METRICS["ocr"]
 
     def __init__(self, engine: str = "rapidocr", casefold: bool = True, nfkc: bool = True,
                  collapse_whitespace: bool = True, drop_punctuation: bool = True, text_score: float = 0.5,
