@@ -192,7 +192,11 @@ def models(ctx: typer.Context) -> None:
     from probe.generate.loading import is_cached
     from probe.spec.presets import PRESETS
 
-    for preset in PRESETS.values():
+    try:
+        presets = list(PRESETS.values())  # reads installed packages' probe.presets entry points
+    except ProbeError as exc:
+        raise _fail(exc) from None
+    for preset in presets:
         cached = "yes" if is_cached(preset) else "no"
         out.print(f"[bold]{preset.name}[/] ({preset.role}) cached: {cached}", highlight=False)
         pinned = f" @ {preset.revision}" if preset.revision else ""
