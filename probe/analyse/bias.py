@@ -26,10 +26,9 @@ from scipy import stats
 
 from probe.analyse.groups import groups
 from probe.analyse.pairing import item_columns, pair
+from probe.spec.monk import MONK_TONES
 from probe.stats.bootstrap import CONFIDENCE, N_RESAMPLES, cluster_bootstrap
 
-MONK_TONES: tuple[str, ...] = tuple(f"monk_{i}" for i in range(1, 11))
-"""Labels of the Monk Skin Tone scale (Monk 2019), lightest to darkest, as the skin_tone metric emits them."""
 MISSING = "missing"
 """Count column name for rows whose metric gave no label at all (counted, never dropped)."""
 BLS_REFERENCE = ("attr_bls_pct_female", 0.01)

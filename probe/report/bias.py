@@ -12,10 +12,9 @@ import pandas as pd
 from probe.analyse.aggregate import per_image
 from probe.report.data import RunData
 from probe.report.fmt import fmt, fmt_coord, fmt_pct, missing
+from probe.spec.monk import MONK_HEX
 
-#: Monk Skin Tone scale swatches (Monk 2019, skintone.google), monk_1 (lightest) to monk_10.
-MONK_COLOURS = ("#f6ede4", "#f3e7db", "#f7ead0", "#eadaba", "#d7bd96", "#a07e56", "#825c43", "#604134", "#3a312a",
-                "#292420")
+MONK_COLOURS = MONK_HEX
 GENDER, SKIN = "perceived_gender", "skin_tone"
 MAX_ROWS = 300
 

@@ -33,15 +33,12 @@ from probe.errors import UsageError, suggest
 from probe.score.metrics.faces import FaceBox, FaceSettings, describe, faces_for, largest_face, load_rgb
 from probe.score.protocol import ImageItem, Metric, Score, ScoringContext
 from probe.spec.metric_catalog import METRICS
+from probe.spec.monk import MONK_HEX
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ITA_CATEGORIES", "MONK_HEX", "MONK_SWATCHES", "SKIN_RULES", "SkinTone", "face_core", "ita_category",
            "ita_degrees", "measure_skin", "nearest_monk", "rgb_to_lab", "skin_mask"]
-
-#: Monk Skin Tone scale, tones 1 (lightest) to 10, as published by Google (skintone.google, Monk 2023).
-MONK_HEX: tuple[str, ...] = ("#f6ede4", "#f3e7db", "#f7ead0", "#eadaba", "#d7bd96",
-                             "#a07e56", "#825c43", "#604134", "#3a312a", "#292420")
 
 #: ITA categories of Del Bino & Bernerd 2013: (lower bound, exclusive; name), lightest first.
 ITA_CATEGORIES: tuple[tuple[float, str], ...] = (
