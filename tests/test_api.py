@@ -94,7 +94,8 @@ def test_readme_api_example_runs_as_written(smoke_run, tmp_path):
     root, _, proc = smoke_run
     assert proc.returncode == 0
     text = (REPO / "README.md").read_text()
-    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    api_section = text.split("## Python API and notebooks", 1)[1]
+    example = api_section.split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "reports" / "smoke").mkdir(parents=True)
     (tmp_path / "reports" / "smoke" / "latest").symlink_to((root / "reports" / "smoke" / "latest").resolve())
     done = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True,
