@@ -2,20 +2,26 @@
 
 The store is the source of truth for images; the run's progress log says what happened to each key.
 Re-running after a kill resumes the same run folder (same plan) and only generates what is missing.
+
+Images are made by an executor (probe.generate.executors), which returns encoded PNG bytes per batch; this
+module is the single writer: per batch it stores the PNGs (atomically, fsynced), links them into the run
+folder and only then appends the batch to the progress log, so a log line always points at a durable image.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from probe.errors import ProbeError, UsageError
-from probe.plan.job import Job
-from probe.plan.planner import plan_jobs, plan_sha256
+from probe.generate.executors import Executor, JobOutcome, LocalExecutor, plan_batches
+from probe.planning.job import Job
+from probe.planning.planner import plan_jobs, plan_sha256
 from probe.run.folder import RunDir
 from probe.run.manifest import build_manifest, finish_manifest
 from probe.run.options import RunOptions
@@ -74,8 +80,13 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | None = None) -> RunSummary:
-    """Run a suite end to end (generation part); see the module docstring for the resume rules."""
+def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | None = None,
+              executor: Executor | None = None) -> RunSummary:
+    """Run a suite end to end; see the module docstring for the resume rules.
+
+    `executor` makes the images (default: `choose_executor`); whichever it is, this function alone writes
+    the store, the run folder and the progress log.
+    """
     progress = progress or NullProgress()
     loaded = load_suite(suite_path)
     device = resolve_device(options.device)
@@ -85,6 +96,7 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     plan_hash = plan_sha256(jobs)
     scoring = _preflight([j for j in jobs if not store.has(j.key)],  # before any folder is made or work started
                          lambda: prepare_scoring(loaded, jobs, options, device))
+    executor = executor or choose_executor(options, device)
     run = None if options.new_run else RunDir.find_resumable(suite_root, plan_hash)
     resumed = run is not None
     run = run or RunDir.create(suite_root)
@@ -99,7 +111,7 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     todo = _pending(jobs, results, store, run)
     progress.start(len(todo))
     try:
-        _generate_all(todo, loaded, store, run, device, options.batch_size, progress)
+        _generate_all(todo, loaded, store, run, executor, options.batch_size, progress)
     finally:
         progress.finish()
     results = run.read_results()
@@ -232,70 +244,68 @@ def _preflight(todo: Sequence[Job], prepare: Callable[[], Scoring]) -> Scoring:
     return scoring
 
 
-def _batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
-    """Jobs grouped by batch key (first-appearance order), in chunks of at most batch_size."""
-    groups: dict[tuple[object, ...], list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(job.batch_key, []).append(job)
-    for group in groups.values():
-        for start in range(0, len(group), batch_size):
-            yield group[start : start + batch_size]
+def choose_executor(options: RunOptions, device: str) -> Executor:
+    """The executor of a run: the in-process one today.
+
+    The one place an executor is picked: `--executor ray` (a RunOptions field) will return a RayExecutor
+    here. It is called after pre-flight and before any run folder exists, so an executor that cannot start
+    (a cluster out of reach) fails like missing weights do, with nothing made.
+    """
+    return LocalExecutor(device)  # `options` has no executor choice yet
 
 
-def _generate_all(
-    todo: Sequence[Job], loaded: LoadedSuite, store: ImageStore, run: RunDir, device: str, batch_size: int,
-    progress: Progress,
-) -> None:
-    """Generate per pipeline (loaded once each), per batch; log every batch as soon as it is stored."""
-    by_pipeline: dict[tuple[object, ...], list[Job]] = {}
-    for job in todo:
-        by_pipeline.setdefault(job.pipeline_key, []).append(job)
-    for group in by_pipeline.values():
-        from probe.generate.adapter import PipelineAdapter
-
-        progress.group(f"{group[0].model} ({group[0].preset})", len(group))
-        adapter = PipelineAdapter.for_job(group[0], device)
-        init_images = _init_images(loaded, group)
-        for batch in _batches(group, batch_size):
-            run.append_results(_generate_batch(adapter, batch, init_images, store, run))
-            progress.advance(len(batch))
-
-
-def _generate_batch(adapter: object, batch: list[Job], init_images: dict[str, object], store: ImageStore,
-                    run: RunDir) -> list[JobResult]:
-    """Generate one batch; if the batch fails, retry its jobs one by one so one bad job fails alone."""
+def _generate_all(todo: Sequence[Job], loaded: LoadedSuite, store: ImageStore, run: RunDir, executor: Executor,
+                  batch_size: int, progress: Progress) -> None:
+    """Hand the executor every batch; store, link and log each batch's outcomes as they come (single writer)."""
+    pending = {job.key for job in todo}
+    outcomes = executor.run(plan_batches(todo, batch_size), _init_images(loaded, todo), progress)
     try:
-        return _store_batch(adapter, batch, init_images, store, run)
-    except Exception as exc:  # noqa: BLE001 - any generation error is recorded, the run goes on
-        if len(batch) == 1:
-            log.warning("job %s failed: %s", batch[0].key[:12], exc)
-            return [JobResult(key=batch[0].key, status="failed", error=f"{type(exc).__name__}: {exc}")]
-        return [r for job in batch for r in _generate_batch(adapter, [job], init_images, store, run)]
+        for batch in outcomes:
+            run.append_results(_store_batch(batch, pending, store, run))  # logged only once its PNGs are durable
+            progress.advance(len(batch))
+    finally:
+        close = getattr(outcomes, "close", None)  # stop a generator-based executor (and its workers) now
+        if close is not None:
+            close()
 
 
-def _store_batch(adapter: object, batch: list[Job], init_images: dict[str, object], store: ImageStore,
+def _store_batch(outcomes: Sequence[JobOutcome], pending: set[str], store: ImageStore,
                  run: RunDir) -> list[JobResult]:
-    started = time.perf_counter()
-    images = adapter.generate(batch, init_images)  # type: ignore[attr-defined]
-    seconds = (time.perf_counter() - started) / len(batch)
+    """Write a batch's PNG bytes into the store (atomic, fsynced), link them into the run folder; its results.
+
+    Every key is checked first: only a key the driver asked for, once, so an executor that repeats or invents
+    a key cannot double or mislabel an image. The bytes are stored as they came (the executor encoded them).
+    """
+    keys = [outcome.key for outcome in outcomes]
+    unexpected = [key for key in keys if key not in pending]
+    if unexpected or len(set(keys)) != len(keys):
+        raise RuntimeError(f"executor returned {len(keys)} outcomes with keys not asked for or repeated: "
+                           f"{[key[:12] for key in unexpected] or 'a repeated key'}")
+    pending.difference_update(keys)
     results = []
-    for job, image in zip(batch, images, strict=True):
-        link_or_copy(store.put(job.key, image), run.image_path(job.key))
-        results.append(JobResult(key=job.key, status="generated", seconds=seconds))
+    for outcome in outcomes:
+        if outcome.png is None:
+            results.append(JobResult(key=outcome.key, status="failed", error=outcome.error))
+            continue
+        link_or_copy(store.put_bytes(outcome.key, outcome.png), run.image_path(outcome.key))
+        results.append(JobResult(key=outcome.key, status="generated", seconds=outcome.seconds))
     return results
 
 
-def _init_images(loaded: LoadedSuite, jobs: Sequence[Job]) -> dict[str, object]:
-    """Init images (RGB) by their suite-relative path, for the img2img jobs among `jobs`."""
-    from PIL import Image
-
-    wanted = {j.init_image for j in jobs if j.init_image}
-    images: dict[str, object] = {}
+def _init_images(loaded: LoadedSuite, jobs: Sequence[Job]) -> dict[str, bytes]:
+    """The init image files the img2img jobs among `jobs` use: their bytes by sha256, which is what the keys
+    name, so an executor anywhere gets exactly the pixels the keys promise (a file changed since the suite
+    was loaded is refused: its images would be stored under the old content's keys)."""
+    wanted = {j.init_image_sha256 for j in jobs if j.init_image_sha256}
+    images: dict[str, bytes] = {}
     for items in loaded.init_images.values():
         for item in items:
-            if item.path in wanted and item.path not in images:
-                with Image.open(item.absolute) as image:
-                    images[item.path] = image.convert("RGB")
+            if item.sha256 in wanted and item.sha256 not in images:
+                data = item.absolute.read_bytes()
+                if hashlib.sha256(data).hexdigest() != item.sha256:
+                    raise ProbeError(f"init image {item.absolute} changed after the suite was loaded (the keys "
+                                     "name its old content); run again")
+                images[item.sha256] = data
     return images
 
 

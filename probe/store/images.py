@@ -14,6 +14,24 @@ from PIL import Image, PngImagePlugin
 
 from probe.store.atomic import atomic_write_bytes, default_cache_dir
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def encode_png(key: str, image: Image.Image) -> bytes:
+    """The store's PNG of `image`, with `key` in a `probe-key` text chunk; pure and deterministic.
+
+    This is the one encoding every stored image ever had: same pixels and key -> same bytes, so images
+    cached before executors existed stay valid, and an executor can encode where the image was made and send
+    bytes that the driver stores unchanged (`ImageStore.put_bytes`).
+    """
+    import io
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("probe-key", key)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
 
 class ImageStore:
     """PNG files under `<root>/images/<key[:2]>/<key>.png`."""
@@ -29,15 +47,19 @@ class ImageStore:
         return self.path(key).is_file()
 
     def put(self, key: str, image: Image.Image) -> Path:
-        """Save `image` as the PNG for `key`; the key is also written into the PNG's text chunk."""
-        import io
+        """Save `image` as the PNG for `key` (encoded by `encode_png`)."""
+        return self.put_bytes(key, encode_png(key, image))
 
-        info = PngImagePlugin.PngInfo()
-        info.add_text("probe-key", key)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", pnginfo=info)
+    def put_bytes(self, key: str, png: bytes) -> Path:
+        """Store PNG bytes encoded elsewhere (by an executor, with `encode_png`) as the image for `key`.
+
+        Only the PNG signature is checked: the bytes are written as they came, so an image encoded on another
+        machine is byte-identical to one encoded here. Anything else is refused rather than cached under a key.
+        """
+        if not png.startswith(PNG_SIGNATURE):
+            raise ValueError(f"image for {key[:12]} is not a PNG ({len(png)} bytes starting {png[:8]!r})")
         target = self.path(key)
-        atomic_write_bytes(target, buffer.getvalue())
+        atomic_write_bytes(target, png)
         return target
 
     def open(self, key: str) -> Image.Image:

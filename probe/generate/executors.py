@@ -1,0 +1,173 @@
+"""Executors: the one seam between the driver and whatever turns Jobs into images.
+
+An executor receives batches of Jobs plus the init images they need, by content hash (`Job.init_image_sha256`),
+and yields one list of `JobOutcome`s per batch: the image already encoded as the store's PNG
+(`probe.store.images.encode_png`, where the image was made) or the error that stopped it. A Job and that
+mapping are all it needs, so it can run on another machine.
+
+An executor never touches the run folder, the image cache or the progress log: the driver
+(`probe.run.driver`) is the single writer. It stores each batch's PNGs atomically, links them into the run
+folder, and only then logs the batch, so a worker that dies loses nothing that was logged and nothing is made
+twice. `LocalExecutor` runs in this process; a Ray executor implements the same protocol.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from probe.planning.job import Job
+from probe.store.images import encode_png
+
+log = logging.getLogger(__name__)
+
+#: Init images by sha256 of their file: the file's bytes (cheap to send) or an already decoded image.
+InitImages = Mapping[str, Image.Image | bytes]
+
+
+class JobOutcome(BaseModel):
+    """What became of one job in an executor: its PNG, or why there is none. Exactly one of `png`, `error`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str = Field(description="Job.key of the job (the driver checks it asked for this key).")
+    png: bytes | None = Field(default=None, description="The image as the store's PNG bytes (encode_png).")
+    seconds: float | None = Field(default=None, description="Wall seconds per image: the pipeline call that "
+                                                            "made it, divided by that call's batch size.")
+    error: str | None = Field(default=None, description="'ExceptionType: message' when the job failed.")
+
+    @model_validator(mode="after")
+    def _png_or_error(self) -> JobOutcome:
+        if (self.png is None) == (self.error is None):
+            raise ValueError(f"outcome of {self.key[:12]} needs exactly one of png and error")
+        return self
+
+    @classmethod
+    def failure(cls, key: str, exc: BaseException) -> JobOutcome:
+        """The outcome of a job that raised, with the error as the progress log records it."""
+        return cls(key=key, error=f"{type(exc).__name__}: {exc}")
+
+
+class GroupProgress(Protocol):
+    """What an executor may say while it works: a group of images (one pipeline) is starting.
+
+    Only the driver advances the bars, once a batch is durable; the driver's `Progress` fits this protocol.
+    """
+
+    def group(self, label: str, total: int) -> None: ...
+
+
+class Executor(Protocol):
+    """Turns batches of Jobs into per-batch outcomes; needs no file access (see the module docstring)."""
+
+    def run(self, batches: Sequence[Sequence[Job]], init_images: InitImages,
+            progress: GroupProgress | None = None) -> Iterator[list[JobOutcome]]:
+        """One list per batch with one outcome per job of it, batches in any order.
+
+        A job that fails is an outcome with an error, never an exception; exceptions mean the executor itself
+        cannot go on (a pipeline that will not load), and the driver stops the run, which stays resumable.
+        """
+        ...
+
+
+class ImageGenerator(Protocol):
+    """A loaded pipeline as executors use it (`probe.generate.adapter.PipelineAdapter`)."""
+
+    def generate(self, jobs: Sequence[Job],
+                 init_images: Mapping[str, Image.Image] | None = None) -> list[Image.Image]: ...
+
+
+def plan_batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
+    """Jobs grouped by batch key (first-appearance order), in chunks of at most batch_size.
+
+    Pure, so the driver decides the batches (and can re-send one) whichever executor runs them.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    groups: dict[tuple[object, ...], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.batch_key, []).append(job)
+    return [group[start : start + batch_size] for group in groups.values()
+            for start in range(0, len(group), batch_size)]
+
+
+def decode_init_images(init_images: InitImages, jobs: Sequence[Job]) -> dict[str, Image.Image]:
+    """The RGB init images that `jobs` use, by sha256, each decoded once; hashes not given are left out
+    (their jobs then fail alone, with the adapter's "has no init image" error)."""
+    decoded: dict[str, Image.Image] = {}
+    for job in jobs:
+        sha = job.init_image_sha256
+        if sha is None or sha in decoded or sha not in init_images:
+            continue
+        value = init_images[sha]
+        if isinstance(value, bytes):
+            with Image.open(io.BytesIO(value)) as image:
+                decoded[sha] = image.convert("RGB")
+        else:
+            decoded[sha] = value.convert("RGB")
+    return decoded
+
+
+def run_batch(generator: ImageGenerator, batch: Sequence[Job],
+              init_images: Mapping[str, Image.Image]) -> list[JobOutcome]:
+    """Generate and encode one batch; if it fails, retry its jobs one by one so one bad job fails alone.
+
+    `init_images` are decoded, by sha256 (`decode_init_images`). Shared by every executor, so a failure
+    costs the same retries and gives the same error records wherever it runs.
+    """
+    try:
+        return _encode_batch(generator, batch, init_images)
+    except Exception as exc:  # noqa: BLE001 - any generation error is recorded, the run goes on
+        if len(batch) == 1:
+            log.warning("job %s failed: %s", batch[0].key[:12], exc)
+            return [JobOutcome.failure(batch[0].key, exc)]
+        return [outcome for job in batch for outcome in run_batch(generator, [job], init_images)]
+
+
+def _encode_batch(generator: ImageGenerator, batch: Sequence[Job],
+                  init_images: Mapping[str, Image.Image]) -> list[JobOutcome]:
+    # The adapter looks init images up by the path the suite gave; the key (and so the pixels) by content.
+    by_path = {job.init_image: init_images[job.init_image_sha256] for job in batch
+               if job.init_image and job.init_image_sha256 and job.init_image_sha256 in init_images}
+    started = time.perf_counter()
+    images = generator.generate(batch, by_path)
+    seconds = (time.perf_counter() - started) / len(batch)
+    return [JobOutcome(key=job.key, png=encode_png(job.key, image), seconds=seconds)
+            for job, image in zip(batch, images, strict=True)]
+
+
+class LocalExecutor:
+    """Today's in-process executor: each pipeline loaded once, its batches run in order on one device."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def run(self, batches: Sequence[Sequence[Job]], init_images: InitImages,
+            progress: GroupProgress | None = None) -> Iterator[list[JobOutcome]]:
+        """Per pipeline (first-appearance order): announce the group, load it, run its batches."""
+        from probe.generate.adapter import PipelineAdapter
+
+        for group in _by_pipeline(batches):
+            first = group[0][0]
+            if progress is not None:
+                progress.group(f"{first.model} ({first.preset})", sum(len(batch) for batch in group))
+            adapter = PipelineAdapter.for_job(first, self.device)
+            decoded = decode_init_images(init_images, [job for batch in group for job in batch])
+            for batch in group:
+                yield run_batch(adapter, batch, decoded)
+            del adapter, decoded  # free the pipeline before the next one loads
+
+
+def _by_pipeline(batches: Sequence[Sequence[Job]]) -> list[list[Sequence[Job]]]:
+    """Non-empty batches grouped by pipeline key, groups and batches in first-appearance order."""
+    groups: dict[tuple[object, ...], list[Sequence[Job]]] = {}
+    for batch in batches:
+        if batch:
+            groups.setdefault(batch[0].pipeline_key, []).append(batch)
+    return list(groups.values())
