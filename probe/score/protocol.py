@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 from probe.errors import ProbeError
-from probe.spec.metric_catalog import METRICS, Direction, Kind, MetricInfo, register_metric
+from probe.spec.metric_catalog import DEFAULT_CLIP_MODEL, METRICS, Direction, Kind, MetricInfo, register_metric
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,7 +78,7 @@ class ScoringContext:
 
     features: FeatureCache
     device: str = "cpu"
-    clip_model: str = "openai/clip-vit-large-patch14"
+    clip_model: str = DEFAULT_CLIP_MODEL
     run_dir: Path | None = None
     base_dir: Path = Path(".")
     all_tiny: bool = False

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from probe.score.metrics.clip_loaders import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_REVISION, Encoders, load_encoders
+from probe.score.metrics.clip_loaders import DEFAULT_CLIP_REVISION, Encoders, load_encoders
 from probe.score.metrics.kernel_sums import GroupKernel
 from probe.score.protocol import ImageItem, ImageSet, Metric, Score, ScoringContext
-from probe.spec.metric_catalog import METRICS
+from probe.spec.metric_catalog import DEFAULT_CLIP_MODEL, METRICS
 from probe.stats.jackknife import MAX_GROUPS, Design, Interval, jackknife_interval
 from probe.store.features import FeatureCache, text_id
 

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from probe.errors import ProbeError
+from probe.spec.metric_catalog import DEFAULT_CLIP_MODEL
 
 if TYPE_CHECKING:
     from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_CLIP_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"
 #: Pinned revisions of hub ids we know, used when the spec names none.
 KNOWN_REVISIONS = {DEFAULT_CLIP_MODEL: DEFAULT_CLIP_REVISION}
