@@ -24,7 +24,7 @@ from probe.gate.verdict import Rule
 from probe.score.scorer import _reference, metric_label
 from probe.spec.schema import MetricSpec
 from probe.store.score_cache import ScoreCache
-from probe.store.tables import SCORE_COLUMNS, read_scores, score_id
+from probe.store.tables import SCORE_COLUMNS, ScoresTable, read_scores, score_id
 from tests.conftest import probe_cli
 
 PROMPTS = [f"prompt {i}" for i in range(8)]
@@ -295,8 +295,8 @@ def test_a_set_row_whose_images_changed_replaces_the_stale_row(tmp_path):
     spec = MetricSpec.model_validate({"name": "cmmd", "reference": {"model": "r"}})
     prepared = [PreparedMetric("q", spec, _MeanShift(), {}, "cid")]  # type: ignore[arg-type]
     ctx = ScoringContext(features=FeatureCache(tmp_path / "cache"))
-    score_run(tmp_path, jobs(["1", "2", "3"]), prepared, ctx)
-    score_run(tmp_path, jobs(["1", "2", "9"]), prepared, ctx)  # one image of the group regenerated
+    score_run(tmp_path, jobs(["1", "2", "3"]), prepared, ctx, sink=ScoresTable(tmp_path))
+    score_run(tmp_path, jobs(["1", "2", "9"]), prepared, ctx, sink=ScoresTable(tmp_path))  # one image of the group regenerated
     rows = read_scores(tmp_path)
     mine = rows[rows["model"] == "m"]
     assert len(mine) == 1 and mine["value"].iloc[0] == pytest.approx((1 + 2 + 9 + 3) / 6 - (1 + 2 + 3 + 3) / 6)
@@ -329,8 +329,8 @@ def test_one_set_metric_against_two_references_keeps_both_rows(tmp_path):
     prepared = [PreparedMetric("q", MetricSpec.model_validate({"name": "cmmd", "reference": {"model": ref}}),
                                _MeanShift(), {}, "cid") for ref in ("r", "s")]  # type: ignore[arg-type]
     ctx = ScoringContext(features=FeatureCache(tmp_path / "cache"))
-    score_run(tmp_path, jobs, prepared, ctx)
-    again = score_run(tmp_path, jobs, prepared, ctx)
+    score_run(tmp_path, jobs, prepared, ctx, sink=ScoresTable(tmp_path))
+    again = score_run(tmp_path, jobs, prepared, ctx, sink=ScoresTable(tmp_path))
     rows = read_scores(tmp_path)
     assert sorted(rows.loc[rows["model"] == "m", "reference"]) == ["model:r", "model:s"]
     assert again.computed["cmmd"] == 0

@@ -183,14 +183,15 @@ def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring,
     from probe.analyse.aggregate import aggregate, paired_deltas
     from probe.score.scorer import score_run
     from probe.store.atomic import write_parquet_atomic
-    from probe.store.tables import read_scores
+    from probe.store.tables import ScoresTable, read_scores
 
     frame = pd.read_parquet(run_dir / "jobs.parquet")
     configs: dict[str, dict[str, object]] = {}
     if scoring.prepared:
         scoring.ctx.run_dir = run_dir
         try:
-            configs = score_run(run_dir, frame, scoring.prepared, scoring.ctx, progress).configs
+            configs = score_run(run_dir, frame, scoring.prepared, scoring.ctx, progress,
+                                sink=ScoresTable(run_dir)).configs
         finally:
             progress.finish()
     scores = read_scores(run_dir)

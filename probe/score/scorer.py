@@ -3,7 +3,9 @@
 Per-image metrics score each image key once per metric configuration; set metrics score each group
 (probe x model x steps x strength, plus any `group_by` variables) against its reference, with a jackknife
 CI over prompts from the feature rows (probe.stats.jackknife). Scores already in scores.parquet with the same
-configuration are never recomputed, so an interrupted or repeated run only does what is missing.
+configuration are never recomputed, so an interrupted or repeated run only does what is missing. Rows go to a
+`ScoreSink` the caller owns (the run driver passes probe.store.tables.ScoresTable): the pass reads images and
+hands rows over, it does not pick the file.
 
 A metric's identity is data: every row carries `metric` (the base name the metric writes: fid, ocr_cer,
 perceived_gender), `args` (the suite's arguments as canonical JSON, "" for none), `config_id` (a hash of the
@@ -19,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -29,9 +31,8 @@ from probe.score.protocol import ImageItem, ImageMetric, Score, ScoringContext, 
 from probe.spec.loader import image_files
 from probe.spec.schema import MetricSpec
 from probe.stats.jackknife import METHOD, make_design
-from probe.store.atomic import write_parquet_atomic
 from probe.store.score_cache import ScoreCache
-from probe.store.tables import SCORE_COLUMNS, SCORES, read_scores, score_ids
+from probe.store.tables import score_ids
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +66,17 @@ def config_id(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class _ScoreWriter:
-    """Accumulates new rows and rewrites scores.parquet atomically after each chunk (nothing lost)."""
+class ScoreSink(Protocol):
+    """Where a scoring pass's rows go: the caller (the run driver) owns the file; the pass only hands rows over.
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.frame = read_scores(run_dir)
+    `frame` is every row written so far (what is already scored); `add` appends rows, dropping the rows
+    `replace` selects in the same write (a set row whose images changed replaces its stale row).
+    """
 
-    def add(self, rows: list[dict[str, Any]], replace: pd.Series | None = None) -> None:
-        """Append rows; `replace` (a mask over the current frame) drops stale rows in the same atomic write."""
-        if not rows:
-            return
-        new = pd.DataFrame(rows, columns=SCORE_COLUMNS)
-        kept = self.frame if replace is None else self.frame[~replace]
-        self.frame = new if kept.empty else pd.concat([kept, new], ignore_index=True)
-        write_parquet_atomic(self.frame, self.run_dir / SCORES)
+    @property
+    def frame(self) -> pd.DataFrame: ...
+
+    def add(self, rows: list[dict[str, Any]], replace: pd.Series | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -121,10 +118,11 @@ def prepare_metrics(specs: dict[str, list[MetricSpec]], ctx: ScoringContext) -> 
 
 
 def score_run(
-    run_dir: Path, jobs: pd.DataFrame, prepared: list[PreparedMetric], ctx: ScoringContext, progress: Any = None
+    run_dir: Path, jobs: pd.DataFrame, prepared: list[PreparedMetric], ctx: ScoringContext, progress: Any = None,
+    *, sink: ScoreSink,
 ) -> ScoreCounts:
-    """Score the images of `jobs` with the prepared metrics; see the module docstring."""
-    writer = _ScoreWriter(run_dir)
+    """Score the images of `jobs` (read from `run_dir`) with the prepared metrics, handing rows to `sink`."""
+    writer = sink
     counts = ScoreCounts()
     usable = jobs[jobs["image"].notna()]
     for item in prepared:
@@ -168,7 +166,7 @@ def _rounds(todo: list[tuple[str, ImageItem]]) -> list[list[tuple[str, ImageItem
 
 
 def _score_images(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
-                  writer: _ScoreWriter, progress: Any) -> tuple[int, int]:
+                  writer: ScoreSink, progress: Any) -> tuple[int, int]:
     assert isinstance(item.metric, ImageMetric)
     cid = item.config_id
     existing = writer.frame
@@ -200,7 +198,7 @@ def _image_row(score: Score, item: PreparedMetric, sid: str) -> dict[str, Any]:
 
 
 def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
-                writer: _ScoreWriter, progress: Any) -> tuple[int, int]:
+                writer: ScoreSink, progress: Any) -> tuple[int, int]:
     """One row per group: value, jackknife CI over prompts, sizes; skipped if already there unchanged."""
     spec = item.spec
     assert spec.reference is not None and isinstance(item.metric, SetMetric)

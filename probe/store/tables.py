@@ -11,6 +11,8 @@ from typing import Any
 
 import pandas as pd
 
+from probe.store.atomic import write_parquet_atomic
+
 
 def score_id(key: str, prompt: str, text: str | None) -> str:
     """Identity of a per-image score: the image plus what it is scored against (prompt, target text).
@@ -77,3 +79,21 @@ def run_models(manifest: dict[str, Any], jobs: pd.DataFrame) -> list[str]:
     labels += [m.get("name") or m.get("preset") for m in suite_models if isinstance(m, dict)]
     labels += list(jobs["model"]) if "model" in jobs else []
     return list(dict.fromkeys(str(label) for label in labels if label))
+
+
+class ScoresTable:
+    """A run folder's scores.parquet as the driver writes it: new rows are added and the whole table is
+    rewritten atomically after each chunk, so nothing scored is lost and no reader sees half a file."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.frame = read_scores(run_dir)
+
+    def add(self, rows: list[dict[str, Any]], replace: pd.Series | None = None) -> None:
+        """Append rows; `replace` (a mask over the current frame) drops stale rows in the same atomic write."""
+        if not rows:
+            return
+        new = pd.DataFrame(rows, columns=SCORE_COLUMNS)
+        kept = self.frame if replace is None else self.frame[~replace]
+        self.frame = new if kept.empty else pd.concat([kept, new], ignore_index=True)
+        write_parquet_atomic(self.frame, self.run_dir / SCORES)
