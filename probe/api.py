@@ -153,7 +153,11 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not (path / "manifest.json").is_file():
         raise UsageError(f"{path} is not a run directory (no manifest.json)")
-    return Run(path)
+    from probe.store.tables import check_schema
+
+    run = Run(path)
+    check_schema(run.manifest, path)
+    return run
 
 
 def compare(run_a: Run | str | Path, run_b: Run | str | Path) -> pd.DataFrame:

@@ -286,3 +286,39 @@ def test_local_executor_bad_job_fails_alone(monkeypatch: pytest.MonkeyPatch, one
     assert [o.key for o in outcomes] == [job.key for job in jobs]
     assert outcomes[1].error == "RuntimeError: CUDA out of memory (simulated)" and outcomes[1].png is None
     assert {o.key: o.png for o in (outcomes[0], outcomes[2])} == alone
+
+
+def test_jobs_an_executor_skips_are_recorded_as_failed(seam_suite: Path, tmp_path: Path) -> None:
+    class Skipper(FakeExecutor):
+        def run(self, batches, init_images, progress=None):  # type: ignore[no-untyped-def]
+            for batch in batches:
+                yield [JobOutcome(key=job.key, png=encode_png(job.key, solid(job))) for job in batch[:1]]
+
+    options = RunOptions(reports_root=tmp_path / "r", cache_dir=tmp_path / "c", device="cpu", batch_size=2)
+    summary = run_suite(seam_suite, options, executor=Skipper())
+    ledger = [json.loads(line) for line in (summary.run_dir / "progress.jsonl").read_text().splitlines()]
+    skipped = [line for line in ledger if line["status"] == "failed"]
+    assert skipped and all(line["error"] == "executor returned no outcome" for line in skipped)
+    assert summary.counts.generated + summary.counts.failed == summary.counts.planned
+
+
+def test_a_cache_that_cannot_be_written_stops_cleanly_and_keeps_what_is_logged(seam_suite: Path, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from probe.errors import ProbeError
+
+    calls = {"n": 0}
+    original = ImageStore.put_bytes
+
+    def full_disk(self: ImageStore, key: str, png: bytes) -> Path:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(28, "No space left on device")
+        return original(self, key, png)
+
+    monkeypatch.setattr(ImageStore, "put_bytes", full_disk)
+    options = RunOptions(reports_root=tmp_path / "r", cache_dir=tmp_path / "c", device="cpu", batch_size=2)
+    with pytest.raises(ProbeError, match="run the same command again to resume"):
+        run_suite(seam_suite, options, executor=FakeExecutor())
+    run_dir = next(p for p in (tmp_path / "r").rglob("progress.jsonl")).parent
+    logged = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
+    assert [line["status"] for line in logged].count("generated") == 3  # every image stored before the error

@@ -128,3 +128,19 @@ def test_public_imports_keep_working_after_the_stages_are_imported():
             "assert callable(probe.load_run) and callable(probe.compare) and probe.Run.__name__ == 'Run'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_run_folder_from_a_newer_probe_is_refused_clearly(tmp_path):
+    import json
+    import shutil
+
+    import probe
+    from probe.errors import UsageError
+    from probe.store.tables import SCHEMA_VERSION
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(REPO / "tests" / "fixtures" / "run-v1", run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    (run_dir / "manifest.json").write_text(json.dumps({**manifest, "schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(UsageError, match="upgrade probe"):
+        probe.load_run(run_dir)

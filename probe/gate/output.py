@@ -33,7 +33,7 @@ def write_junit(verdict: Verdict, path: Path) -> None:
     failures = sum(1 for outcomes in grouped.values() if not all(verdict.ok(o) for o in outcomes))
     suite = ET.Element("testsuite", name="probe check", tests=str(len(grouped)), failures=str(failures), errors="0")
     for rule, outcomes in grouped.items():
-        case = ET.SubElement(suite, "testcase", classname="probe.gate.rules", name=rule)
+        case = ET.SubElement(suite, "testcase", classname="probe.check", name=rule)
         failed = [o for o in outcomes if not verdict.ok(o)]
         if failed:
             lines = [f"{_scope(o)}: {o.detail}" for o in failed]

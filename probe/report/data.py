@@ -69,13 +69,14 @@ class RunData:
 def load_run(run_dir: Path) -> RunData:
     """Read a run directory for the report; raise UsageError when it is not one."""
     from probe.analyse.aggregate import aggregate, paired_deltas, with_series
-    from probe.store.tables import read_scores
+    from probe.store.tables import check_schema, read_scores
 
     run_dir = Path(run_dir)
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file() or not (run_dir / "jobs.parquet").is_file():
         raise UsageError(f"{run_dir} is not a run directory (manifest.json and jobs.parquet are needed)")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    check_schema(manifest, run_dir)
     jobs = pd.read_parquet(run_dir / "jobs.parquet")
     for column, default in JOB_DEFAULTS.items():
         if column not in jobs:

@@ -268,6 +268,10 @@ def _generate_all(todo: Sequence[Job], loaded: LoadedSuite, store: ImageStore, r
         close = getattr(outcomes, "close", None)  # stop a generator-based executor (and its workers) now
         if close is not None:
             close()
+    if pending:  # an executor that skipped jobs: say so now, not as an unexplained "not generated" later
+        log.warning("the executor returned no outcome for %d job(s); they are recorded as failed", len(pending))
+        run.append_results([JobResult(key=key, status="failed", error="executor returned no outcome")
+                            for key in sorted(pending)])
 
 
 def _store_batch(outcomes: Sequence[JobOutcome], pending: set[str], store: ImageStore,
@@ -288,7 +292,21 @@ def _store_batch(outcomes: Sequence[JobOutcome], pending: set[str], store: Image
         if outcome.png is None:
             results.append(JobResult(key=outcome.key, status="failed", error=outcome.error))
             continue
-        link_or_copy(store.put_bytes(outcome.key, outcome.png), run.image_path(outcome.key))
+        try:
+            stored = store.put_bytes(outcome.key, outcome.png)
+        except ValueError as exc:  # bytes that are not a PNG: that job fails, the batch's others are kept
+            results.append(JobResult(key=outcome.key, status="failed", error=f"ValueError: {exc}"))
+            continue
+        except OSError as exc:  # disk full, read-only cache: stop cleanly; what is logged so far is kept
+            run.append_results(results)
+            raise ProbeError(f"cannot write {outcome.key[:12]} into the image cache ({exc}); fix that and run the "
+                             "same command again to resume") from exc
+        try:
+            link_or_copy(stored, run.image_path(outcome.key))
+        except OSError as exc:
+            run.append_results(results)
+            raise ProbeError(f"cannot write into the run folder {run.path} ({exc}); fix that and run the same "
+                             "command again to resume") from exc
         results.append(JobResult(key=outcome.key, status="generated", seconds=outcome.seconds))
     return results
 

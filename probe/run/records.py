@@ -9,10 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-#: Version of the run folder's tables. 1: a metric's label in `metric` (before metric identity was data);
-#: 2: `metric`, `args`, `series` and `config_id` as separate columns, set rows with jackknife CIs. Readers
-#: upgrade older folders on read (probe.store.tables), so every run folder ever written still loads.
-SCHEMA_VERSION = 2
+from probe.store.tables import SCHEMA_VERSION
+
+__all__ = ["SCHEMA_VERSION", "JobResult", "RunCounts", "RunManifest"]
 
 
 class JobResult(BaseModel):

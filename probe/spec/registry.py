@@ -82,7 +82,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
         taken.update(self.reserved())
         for name in sorted(self.names_of(item)):
             if name in taken:
-                raise ProbeError(f"{self.noun} {item.name!r} ({origin}) clashes with {taken[name]}: both use the name "
+                raise UsageError(f"{self.noun} {item.name!r} ({origin}) clashes with {taken[name]}: both use the name "
                                  f"{name!r}; rename one of them")
         self._items[item.name] = item
         self._origins[item.name] = origin
@@ -101,8 +101,10 @@ class Registry(MutableMapping[str, T], Generic[T]):
                         self._load_entry_points()
                     except ProbeError as exc:
                         self._error = exc
-                    finally:
-                        self._loading, self._done = False, True
+                    except BaseException:  # Ctrl-C or SystemExit mid-load: not done, read them all next time
+                        self._loading = False
+                        raise
+                    self._loading, self._done = False, True
         if self._error is not None:
             raise self._error
 
@@ -117,12 +119,12 @@ class Registry(MutableMapping[str, T], Generic[T]):
         try:
             item = point.load()
         except Exception as exc:  # any import-time failure of someone else's package: name the entry point
-            raise ProbeError(f"{origin} cannot be loaded: {type(exc).__name__}: {exc}. Fix or uninstall that "
+            raise UsageError(f"{origin} cannot be loaded: {type(exc).__name__}: {exc}. Fix or uninstall that "
                              "package.") from exc
         if not isinstance(item, self.record):
-            raise ProbeError(f"{origin} names a {type(item).__name__}; it must name a {self.record.__name__}")
+            raise UsageError(f"{origin} names a {type(item).__name__}; it must name a {self.record.__name__}")
         if item.name != point.name:
-            raise ProbeError(f"{origin} names the {self.noun} {item.name!r}; the entry point must be called "
+            raise UsageError(f"{origin} names the {self.noun} {item.name!r}; the entry point must be called "
                              f"{item.name!r} too")
         return item
 

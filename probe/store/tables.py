@@ -11,7 +11,13 @@ from typing import Any
 
 import pandas as pd
 
+from probe.errors import UsageError
 from probe.store.atomic import write_parquet_atomic
+
+#: Version of the run folder's tables. 1: a metric's label in `metric` (before metric identity was data);
+#: 2: `metric`, `args`, `series` and `config_id` as separate columns, set rows with jackknife CIs. Readers
+#: upgrade older folders on read, so every run folder ever written still loads; a newer one is refused.
+SCHEMA_VERSION = 2
 
 
 def score_id(key: str, prompt: str, text: str | None) -> str:
@@ -65,14 +71,23 @@ def load_run_tables(run_dir: Path) -> RunTables:
     """Read manifest.json, jobs.parquet and scores.parquet (upgraded); FileNotFoundError when it is no run."""
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    check_schema(manifest, run_dir)
     return RunTables(run_dir, manifest, pd.read_parquet(run_dir / "jobs.parquet"), read_scores(run_dir))
+
+
+def check_schema(manifest: dict[str, Any], run_dir: Path) -> None:
+    """Refuse a run folder written by a newer probe (its tables may mean something this version cannot read)."""
+    version = int(manifest.get("schema_version") or 1)
+    if version > SCHEMA_VERSION:
+        raise UsageError(f"{run_dir} was written with run-folder schema {version}; this probe reads up to "
+                         f"{SCHEMA_VERSION}: upgrade probe to read it")
 
 
 def run_models(manifest: dict[str, Any], jobs: pd.DataFrame) -> list[str]:
     """Model labels in suite order (the subject first), then any others seen in the jobs.
 
-    The one definition of a run's models and its subject (`run_models(...)[0]`), shared by the Python API,
-    the report and the driver's deltas.
+    The one definition of a run's models and its subject (`run_models(...)[0]`), shared by the Python API
+    and the report (the driver's subject, the suite's first model, is the same label).
     """
     labels = list(manifest.get("presets") or {})
     suite_models = (manifest.get("suite") or {}).get("models") or []
