@@ -344,3 +344,26 @@ def test_a_broken_plugin_is_named_when_the_registry_is_read(tmp_path, write_suit
     assert proc.returncode == 2
     assert ("entry point sharpness = probe_broken_missing:INFO (group probe.metrics, package probe-broken 0.1) "
             "cannot be loaded: ModuleNotFoundError") in " ".join((proc.stdout + proc.stderr).split())
+
+
+def test_a_metric_record_can_be_copied_with_changes():
+    import dataclasses
+
+    from probe.spec.metric_catalog import METRICS
+
+    changed = dataclasses.replace(METRICS["fid"], description="Frechet distance, restated")
+    assert changed.outputs["fid"].description == "Frechet distance, restated"
+    assert changed.outputs["fid"].direction == "lower"
+
+
+def test_an_in_process_record_can_be_registered_again_with_changes(monkeypatch):
+    import dataclasses
+
+    from probe.spec import metric_catalog
+
+    registry = metric_catalog.MetricRegistry("metric", "probe.test-none", metric_catalog.MetricInfo, ())
+    first = metric_catalog.MetricInfo("nb_metric", "image", "first draft", direction="higher")
+    registry.register(first, "registered in-process, cell 1")
+    second = dataclasses.replace(first, description="second draft")
+    registry.register(second, "registered in-process, cell 1")
+    assert registry["nb_metric"].description == "second draft"

@@ -70,7 +70,8 @@ class MetricInfo:
         if self.target and (self.target.count(":") != 1 or not all(self.target.split(":"))):
             raise ProbeError(f"{where}: target {self.target!r} must look like 'package.module:Class'")
         own = {self.name: MetricOutput(self.direction, self.description)} if self.direction is not None else {}
-        if not (own or self.outputs) or (own and self.outputs and dict(self.outputs) != own):  # replace() gives both
+        # dataclasses.replace() passes both: the old outputs of the metric's own row give way to `direction`.
+        if not (own or self.outputs) or (own and self.outputs and set(self.outputs) != {self.name}):
             raise ProbeError(f"{where}: give either `direction` (one row, named {self.name!r}) or `outputs`")
         outputs = own or dict(self.outputs)
         for row, output in outputs.items():

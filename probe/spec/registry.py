@@ -77,8 +77,11 @@ class Registry(MutableMapping[str, T], Generic[T]):
     def _add(self, item: T, origin: str) -> None:
         if self._items.get(item.name) == item:
             return  # a module imported twice registers the same record twice
+        # A notebook cell re-run with an edited record replaces its own earlier in-process registration.
+        replaces = item.name if self._origins.get(item.name, "").startswith("registered in-process") and \
+            origin.startswith("registered in-process") else None
         taken = {n: f"{self.noun} {key!r} ({self._origins[key]})"
-                 for key, other in self._items.items() for n in self.names_of(other)}
+                 for key, other in self._items.items() if key != replaces for n in self.names_of(other)}
         taken.update(self.reserved())
         for name in sorted(self.names_of(item)):
             if name in taken:
