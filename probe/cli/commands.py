@@ -250,7 +250,7 @@ def check(
     allow_inconclusive: Annotated[bool, typer.Option(
         "--allow-inconclusive", help="Pass groups with nothing to judge (no values, all labels unknown, no CI).")] = False,
 ) -> None:
-    """Gate CI on the suite's `checks:` and --rule: exit 0 pass, 1 regression, 2 misuse."""
+    """Gate CI on the suite's `checks:` and --rule: exit 0 pass, 1 regression or inconclusive, 2 misuse."""
     from probe.api import load_run
     from probe.gate.baseline import load_baseline
     from probe.gate.output import write_json, write_junit, write_markdown
