@@ -78,6 +78,11 @@ def test_a_report_re_renders_without_model_or_metric_code(smoke_run, tmp_path):
     root, _, proc = smoke_run
     assert proc.returncode == 0, proc.stderr
     run = (root / "reports" / "smoke" / "latest").resolve()
+    import json
+
+    recorded = json.loads((run / "manifest.json").read_text())["metrics"]
+    assert recorded["clip_score"]["outputs"]["clip_score"]["direction"] == "higher"
+    assert recorded["ocr"]["outputs"]["ocr_cer"]["direction"] == "lower"
     code = ("import sys; from probe.report import build_report; build_report(sys.argv[1]); "
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('probe.score', 'probe.generate', "
             "'probe.run', 'diffusers', 'transformers'))); print(bad); sys.exit(1 if bad else 0)")
@@ -144,3 +149,31 @@ def test_a_run_folder_from_a_newer_probe_is_refused_clearly(tmp_path):
     (run_dir / "manifest.json").write_text(json.dumps({**manifest, "schema_version": SCHEMA_VERSION + 1}))
     with pytest.raises(UsageError, match="upgrade probe"):
         probe.load_run(run_dir)
+
+
+def test_a_report_knows_the_direction_of_a_metric_whose_package_is_not_installed(tmp_path):
+    """A plugin's rows carry their direction in the manifest, so the report renders from the files alone."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from probe.report import build_report
+    from probe.store.tables import SCORE_COLUMNS
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(REPO / "tests" / "fixtures" / "run-v1", run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["metrics"]["glow"] = {"name": "glow", "config_id": "g1",
+                                   "outputs": {"glow": {"direction": "lower", "description": "glow, in lumens"}}}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    jobs = pd.read_parquet(run_dir / "jobs.parquet")
+    scores = pd.read_parquet(run_dir / "scores.parquet")
+    glow = scores[scores["metric"] == "clip_score"].assign(metric="glow", config_id="g1", value=1.0)
+    pd.concat([scores, glow.reindex(columns=scores.columns)]).to_parquet(run_dir / "scores.parquet", index=False)
+    for stale in ("aggregates.parquet", "deltas.parquet"):  # recomputed from the scores by the report
+        (run_dir / stale).unlink()
+    assert len(glow) and set(jobs["probe"]) >= {"quality"}
+    html = build_report(run_dir).read_text(encoding="utf-8")
+    assert 'glow, in lumens (lower is better)">glow <span class="arrow">\u2193</span>' in html
+    assert SCORE_COLUMNS  # the run's own table layout is what the report read

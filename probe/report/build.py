@@ -18,6 +18,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from probe.report.bias import bias_section
 from probe.report.compare import compare_runs
 from probe.report.data import RunData, load_run
+from probe.report.fmt import remember_outputs
 from probe.report.grids import Thumbnails, init_images, probe_grid
 from probe.report.methods import methods, warnings
 from probe.report.plots import quality_plots
@@ -51,6 +52,9 @@ def _probe_sections(data: RunData, thumbs: Thumbnails, plots: dict[str, list[dic
 
 def report_context(data: RunData, baseline: RunData | None = None) -> dict[str, Any]:
     """Everything the template shows (writes thumbnails, plots and copied init images into assets/)."""
+    for run in (data, baseline):
+        if run is not None:
+            remember_outputs(run.manifest)
     assets = data.path / "assets"
     shutil.rmtree(assets / "plots", ignore_errors=True)  # plots of an earlier render may name old metrics
     thumbs = Thumbnails(data.path)

@@ -70,13 +70,31 @@ def fmt_pct(value: Any) -> str:
     return DASH if missing(value) else f"{100 * float(value):.1f}%"
 
 
+#: Rows the runs being rendered recorded in their manifests (row -> (direction, description)), for metrics whose
+#: package is not installed here: a report reads its files alone.
+_RECORDED: dict[str, tuple[str, str]] = {}
+
+
+def remember_outputs(manifest: dict[str, Any]) -> None:
+    """Note the directions a run's manifest recorded for the rows its metrics wrote (see `direction`)."""
+    for config in (manifest.get("metrics") or {}).values():
+        for row, output in ((config or {}).get("outputs") or {}).items():
+            if isinstance(output, dict) and output.get("direction") in ARROWS:
+                _RECORDED[row] = (str(output["direction"]), str(output.get("description") or ""))
+
+
 def direction(metric: str) -> str:
-    """higher | lower | none for a score row, from the metric registry (where each row's direction is declared once)."""
+    """higher | lower | none for a score row: the metric registry (where each row's direction is declared
+    once), else what the run's manifest recorded when the metric's package is not installed here."""
+    if catalog.METRICS.writer_of(metric) is None and metric in _RECORDED:
+        return _RECORDED[metric][0]
     return catalog.direction_of(metric)
 
 
 def description(metric: str) -> str:
     """What a score row means, for a column's tooltip ("" for a row no installed metric declares)."""
+    if catalog.METRICS.writer_of(metric) is None and metric in _RECORDED:
+        return _RECORDED[metric][1]
     return catalog.description_of(metric)
 
 

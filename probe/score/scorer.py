@@ -117,6 +117,14 @@ def prepare_metrics(specs: dict[str, list[MetricSpec]], ctx: ScoringContext) -> 
     return prepared
 
 
+def _outputs(metric: object) -> dict[str, dict[str, str]]:
+    """The rows a metric writes with their directions, for the manifest: a report re-rendered where the metric's
+    package is not installed still knows which way is better."""
+    info = getattr(metric, "info", None)
+    outputs = getattr(info, "outputs", None) or {}
+    return {row: {"direction": out.direction, "description": out.description} for row, out in outputs.items()}
+
+
 def score_run(
     run_dir: Path, jobs: pd.DataFrame, prepared: list[PreparedMetric], ctx: ScoringContext, progress: Any = None,
     *, sink: ScoreSink,
@@ -128,7 +136,7 @@ def score_run(
     for item in prepared:
         rows = usable[usable["probe"] == item.probe]
         name = metric_label(item.spec.name, item.spec.args)
-        counts.configs[name] = {**item.config, "config_id": item.config_id}
+        counts.configs[name] = {**item.config, "config_id": item.config_id, "outputs": _outputs(item.metric)}
         if isinstance(item.metric, SetMetric):
             done = _score_sets(item, name, rows, run_dir, ctx, writer, progress)
         else:
