@@ -207,12 +207,12 @@ def test_changed_bytes_change_the_key_even_with_the_old_size_and_mtime(write_sui
 
 
 def test_file_hashes_are_memoised_in_the_probe_cache(write_suite, tmp_path, monkeypatch, isolated_cache):
-    from probe.planning import pinning as fingerprint
+    from probe.store import hashing
 
     local_pipeline(tmp_path / "ft")
     reads: list[Path] = []
-    real = fingerprint._stream_sha256
-    monkeypatch.setattr(fingerprint, "_stream_sha256", lambda path: reads.append(path) or real(path))
+    real = hashing._stream_sha256
+    monkeypatch.setattr(hashing, "_stream_sha256", lambda path: reads.append(path) or real(path))
     first = local_job(write_suite, "./ft")
     assert len(reads) == len(pipeline_files())
     reads.clear()

@@ -20,18 +20,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
 from probe.spec.presets import TINY_ID
+from probe.store.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
 #: Prefix of the revision a local folder or file is pinned to; `Job.pixel_inputs` keys such models by it.
 LOCAL_PREFIX = "local-"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_CHUNK = 1 << 20
 FP16_WEIGHTS = "*.fp16*.safetensors"  # also matches sharded "x.fp16-00001-of-00002.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 #: Components never loaded (the pipeline is built with safety_checker=None), so never downloaded or checked.
@@ -50,45 +49,6 @@ def looks_like_path(reference: str) -> bool:
 def is_commit(revision: str | None) -> bool:
     """Whether a hub revision is a full commit hash (branches and tags move; commits do not)."""
     return revision is not None and _COMMIT.fullmatch(revision) is not None
-
-
-def _stream_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _memo_file(resolved: Path, stat: os.stat_result) -> Path:
-    """Where the hash of this exact file state is remembered. ctime is in the key (beyond size, mtime and
-    inode) because an in-place rewrite can restore the old mtime (`os.utime`), but never the ctime; the price
-    is one re-hash after a `touch` or chmod, never a wrong key."""
-    from probe.store.atomic import default_cache_dir
-
-    state = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}\0{stat.st_dev}"
-    name = hashlib.sha256(state.encode()).hexdigest()
-    return default_cache_dir() / "file-sha256" / name[:2] / name
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, streamed, remembered on disk while the file is unchanged."""
-    resolved = path.resolve()
-    memo = _memo_file(resolved, resolved.stat())
-    try:
-        known = memo.read_text(encoding="ascii").strip()
-        if re.fullmatch(r"[0-9a-f]{64}", known):
-            return known
-    except (OSError, UnicodeDecodeError):
-        pass  # not hashed yet in this state (or an unreadable memo): hash it
-    digest = _stream_sha256(resolved)
-    from probe.store.atomic import atomic_write_bytes
-
-    try:
-        atomic_write_bytes(memo, digest.encode("ascii"))
-    except OSError as error:  # a read-only cache only costs a re-hash next time
-        logger.debug("cannot remember the hash of %s: %s", resolved, error)
-    return digest
 
 
 def _content_files(folder: Path) -> list[Path]:

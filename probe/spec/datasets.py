@@ -10,8 +10,6 @@ install (e.g. line endings rewritten) would silently change every prompt list bu
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import urllib.request
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 
 from probe.errors import ProbeError, UsageError, suggest
 from probe.store.atomic import atomic_write_bytes
+from probe.store.hashing import file_sha256
 
 #: package-data folder holding the shipped copies (a plain folder next to this module; see pyproject.toml).
 SHIPPED_DIR = Path(__file__).resolve().parent / "data"
@@ -97,13 +96,8 @@ def shipped_path(name: str) -> Path:
     return SHIPPED_DIR / dataset.name / dataset.filename
 
 
-@functools.lru_cache(maxsize=16)
-def _sha256(path: Path, size: int, mtime_ns: int) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def verify_shipped(name: str) -> Path:
-    """The shipped copy's path after checking its sha256 against the pin (memoised per size and mtime).
+    """The shipped copy's path after checking its sha256 against the pin (remembered while the file is unchanged).
 
     Raises:
         ProbeError: the file is missing or its content is not the pinned one; the message names the file.
@@ -112,8 +106,7 @@ def verify_shipped(name: str) -> Path:
     if not path.is_file():
         raise ProbeError(f"dataset {name!r}: the shipped copy {path} is missing from this install; reinstall "
                          f"probe, or run `probe data pull {name}` (or point PROBE_DATA at a folder holding it)")
-    stat = path.stat()
-    digest = _sha256(path, stat.st_size, stat.st_mtime_ns)
+    digest = file_sha256(path)
     if digest != dataset.sha256:
         raise ProbeError(f"dataset {name!r}: the shipped copy {path} has sha256 {digest[:16]}..., expected "
                          f"{dataset.sha256[:16]}... (the file was changed after install); reinstall probe, or run "

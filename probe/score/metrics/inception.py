@@ -18,7 +18,6 @@ Its id says it is a random stand-in, so its features and statistics are never mi
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -31,6 +30,7 @@ import numpy as np
 
 from probe.errors import ProbeError
 from probe.score.protocol import ImageItem
+from probe.store.hashing import file_sha256
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -83,21 +83,6 @@ def find_inception_weights() -> Path:
         "  Offline alternative: give the fid/kid metric the arg `features: clip` (Fréchet distance on CLIP "
         "embeddings; not comparable to published FID)."
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _sha256(path: Path, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, memoised per (path, size, mtime) so a 95 MB weights file is hashed once."""
-    stat = path.stat()
-    return _sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
 def check_inception_weights(path: Path, expected_prefix: str = WEIGHTS_SHA256_PREFIX) -> str:
