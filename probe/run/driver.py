@@ -149,9 +149,12 @@ def clip_model_for(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions
         return options.clip_model
     if loaded.suite.clip_model:
         return loaded.suite.clip_model
-    if jobs and all(j.preset == "tiny" for j in jobs):
-        return "tiny"
-    return DEFAULT_CLIP_MODEL
+    return "tiny" if all_tiny(jobs) else DEFAULT_CLIP_MODEL
+
+
+def all_tiny(jobs: Sequence[Job]) -> bool:
+    """Every image of the run comes from the embedded tiny model: stand-in scoring networks are used."""
+    return bool(jobs) and all(j.preset == "tiny" for j in jobs)
 
 
 def prepare_scoring(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions, device: str) -> Scoring:
@@ -162,7 +165,7 @@ def prepare_scoring(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOption
 
     ctx = ScoringContext(features=FeatureCache(options.cache_dir), device=device,
                          clip_model=clip_model_for(loaded, jobs, options), base_dir=loaded.base_dir,
-                         all_tiny=bool(jobs) and all(j.preset == "tiny" for j in jobs))
+                         all_tiny=all_tiny(jobs))
     specs = {p.name: list(p.metrics) for p in loaded.suite.probes if p.metrics}
     return Scoring(ctx=ctx, prepared=prepare_metrics(specs, ctx))
 
