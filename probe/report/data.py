@@ -6,7 +6,6 @@ jobs + scores (with the same functions `probe run` uses) when it did not, so old
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,20 +68,17 @@ class RunData:
 def load_run(run_dir: Path) -> RunData:
     """Read a run directory for the report; raise UsageError when it is not one."""
     from probe.analyse.aggregate import aggregate, paired_deltas, with_series
-    from probe.store.tables import check_schema, read_scores
+    from probe.store.tables import load_run_tables
 
     run_dir = Path(run_dir)
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file() or not (run_dir / "jobs.parquet").is_file():
+    if not (run_dir / "manifest.json").is_file() or not (run_dir / "jobs.parquet").is_file():
         raise UsageError(f"{run_dir} is not a run directory (manifest.json and jobs.parquet are needed)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    check_schema(manifest, run_dir)
-    jobs = pd.read_parquet(run_dir / "jobs.parquet")
+    tables = load_run_tables(run_dir)  # the one reader of a run's files (schema checked, old scores upgraded)
+    jobs, scores = tables.jobs, tables.scores
     for column, default in JOB_DEFAULTS.items():
         if column not in jobs:
             jobs[column] = default
-    scores = read_scores(run_dir)
-    data = RunData(run_dir, manifest, jobs, scores, pd.DataFrame(), pd.DataFrame())
+    data = RunData(run_dir, tables.manifest, jobs, scores, pd.DataFrame(), pd.DataFrame())
     agg_path, delta_path = run_dir / "aggregates.parquet", run_dir / "deltas.parquet"
     data.aggregates = with_series(pd.read_parquet(agg_path)) if agg_path.is_file() else aggregate(jobs, scores)
     if delta_path.is_file():
