@@ -180,8 +180,9 @@ def add_set_rows(run: Path, values: dict[str, float | None]) -> None:
     scores = pd.read_parquet(run / "scores.parquet")
     rows = [{"metric": "cmmd", "config_id": "c", "probe": "p", "model": "m", "steps": 1.0, "value": v,
              "low": None if v is None else v - 0.01, "high": None if v is None else v + 0.01,
-             "group": json.dumps({"var_occupation": name}), "n": 6} for name, v in values.items()]
-    pd.concat([scores, pd.DataFrame(rows, columns=SCORE_COLUMNS)]).to_parquet(run / "scores.parquet", index=False)
+             "var_occupation": name, "n": 6} for name, v in values.items()]
+    frame = pd.DataFrame(rows, columns=[*SCORE_COLUMNS, "var_occupation"])
+    pd.concat([scores, frame]).to_parquet(run / "scores.parquet", index=False)
 
 
 def test_set_metric_rules_check_every_group_against_the_same_group(tmp_path, base_values):

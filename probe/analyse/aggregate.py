@@ -6,7 +6,6 @@ Reads only the run's tables (jobs and scores), never a model. The report, the no
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -14,17 +13,20 @@ import pandas as pd
 
 from probe.analyse.pairing import pair
 from probe.stats.bootstrap import cluster_bootstrap, paired_delta
-from probe.store.tables import score_ids
+from probe.store.tables import expand_groups, group_columns, group_of, score_ids
 
 GRID = ["probe", "model", "steps", "strength"]
+#: aggregates.parquet's fixed columns; a set row's group adds its `var_<name>` columns, as in scores.parquet.
 AGGREGATE_COLUMNS = [*GRID, "series", "metric", "kind", "mean", "low", "high", "n_prompts", "n_images", "n_truncated",
-                     "reference", "group"]
+                     "reference"]
 DELTA_COLUMNS = ["probe", "series", "metric", "model", "steps", "baseline", "baseline_steps", "strength", "mean", "low",
                  "high", "n_pairs", "n_prompts", "excludes_zero"]
 
 
 def with_series(frame: pd.DataFrame) -> pd.DataFrame:
-    """Tables written before metric identity was data (a label in `metric`, no `series`), upgraded on read."""
+    """Aggregate tables of older runs, upgraded on read: a label in `metric` and no `series` (schema 1), a set
+    row's group as a JSON string in `group` (schema ≤ 2) rather than `var_*` columns."""
+    frame = expand_groups(frame)
     if "series" in frame.columns or "metric" not in frame.columns:
         return frame
     frame = frame.copy()
@@ -57,20 +59,21 @@ def aggregate(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     frame = frame[frame["value"].notna()]
     for coords, group in frame.groupby([*GRID, "series"], dropna=False, sort=True):
         est = cluster_bootstrap(group["value"].to_numpy(), group["prompt"].to_numpy())
-        truncated = int(group["extra"].astype(object).fillna("").str.contains('"truncated": true', regex=False).sum())
+        truncated = sum(isinstance(e, dict) and e.get("truncated") is True for e in group["extra"])
         records.append({**dict(zip([*GRID, "series"], coords, strict=True)), "metric": group["metric"].iloc[0],
                         "kind": "image", "mean": est.mean,
                         "low": est.low, "high": est.high, "n_prompts": est.n_clusters, "n_images": est.n,
-                        "n_truncated": truncated, "reference": None, "group": None})
+                        "n_truncated": truncated, "reference": None})
     sets = latest_config(scores)
     sets = sets[sets["key"].isna()] if not sets.empty else sets
-    for row in sets.itertuples():
-        records.append({"probe": row.probe, "model": row.model, "steps": row.steps, "strength": row.strength,
-                        "series": row.series, "metric": row.metric, "kind": "set", "mean": row.value, "low": row.low,
-                        "high": row.high,
-                        "n_prompts": _n_prompts(jobs, row), "n_images": row.n, "n_truncated": None,
-                        "reference": row.reference, "group": row.group})
-    out = pd.DataFrame(records, columns=AGGREGATE_COLUMNS)
+    for _, row in sets.iterrows():
+        group = group_of(row)
+        records.append({"probe": row["probe"], "model": row["model"], "steps": row["steps"], "strength": row["strength"],
+                        "series": row["series"], "metric": row["metric"], "kind": "set", "mean": row["value"], "low": row["low"],
+                        "high": row["high"],
+                        "n_prompts": _n_prompts(jobs, row, group), "n_images": row["n"], "n_truncated": None,
+                        "reference": row["reference"], **group})
+    out = pd.DataFrame(records, columns=[*AGGREGATE_COLUMNS, *group_columns(sets)])
     out["steps"] = out["steps"].astype("Int64")  # set rows arrive as floats; steps are counts
     return out
 
@@ -80,11 +83,11 @@ def _same(column: pd.Series, value: object) -> pd.Series:
     return column.isna() if pd.isna(value) else column == value
 
 
-def _n_prompts(jobs: pd.DataFrame, row: Any) -> int:
+def _n_prompts(jobs: pd.DataFrame, row: Any, group: dict[str, Any]) -> int:
     """Distinct prompts behind a set-metric row (its probe, model, steps, strength and group)."""
-    mask = (jobs["probe"] == row.probe) & (jobs["model"] == row.model)
-    mask &= _same(jobs["steps"], row.steps) & _same(jobs["strength"], row.strength)
-    for column, value in json.loads(row.group if isinstance(row.group, str) and row.group else "{}").items():
+    mask = (jobs["probe"] == row["probe"]) & (jobs["model"] == row["model"])
+    mask &= _same(jobs["steps"], row["steps"]) & _same(jobs["strength"], row["strength"])
+    for column, value in group.items():
         mask &= jobs[column] == value
     return int(jobs.loc[mask, "prompt"].nunique())
 

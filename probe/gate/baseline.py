@@ -19,13 +19,13 @@ from probe.analyse.aggregate import latest_config, per_image
 from probe.analyse.pairing import ITEM
 from probe.errors import UsageError
 from probe.store.atomic import atomic_write_bytes
-from probe.store.tables import load_run_tables
+from probe.store.tables import expand_groups, group_columns, load_run_tables
 
 FORMAT = "probe-baseline/1"
 COORDINATES = [*ITEM, "model", "steps"]
 PER_IMAGE = [*COORDINATES, "key", "series", "metric", "value", "label"]
-SETS = ["probe", "model", "steps", "strength", "series", "metric", "reference", "value", "low", "high", "se", "df",
-        "group"]
+#: a baseline's set rows; their group adds `var_<name>` columns, as in scores.parquet.
+SETS = ["probe", "model", "steps", "strength", "series", "metric", "reference", "value", "low", "high", "se", "df"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class Baseline:
     per_image: pd.DataFrame
     """One row per (job, series): COORDINATES + key, series, metric, value, label."""
     sets: pd.DataFrame
-    """Set-metric rows (fid, kid, cmmd): probe, model, steps, strength, series, metric, value, low, high, se, group."""
+    """Set-metric rows (fid, kid, cmmd): probe, model, steps, strength, series, metric, value, low, high, se, df and
+    the group's `var_*` columns."""
 
 
 def baseline_from_run(run_dir: Path) -> Baseline:
@@ -50,21 +51,12 @@ def baseline_from_run(run_dir: Path) -> Baseline:
     frame = frame.reindex(columns=PER_IMAGE).reset_index(drop=True)
     scores = latest_config(run.scores)
     sets = scores[scores["key"].isna()] if not scores.empty else scores
-    sets = sets.assign(se=[_set_ci(extra, "ci_se") for extra in sets["extra"]],
-                       df=[_set_ci(extra, "ci_df") for extra in sets["extra"]]).reindex(columns=SETS)
+    sets = sets.reindex(columns=[*SETS, *group_columns(sets)])
     manifest = run.manifest
     provenance = {k: manifest.get(k) for k in ("presets", "packages", "device", "started_at", "finished_at", "counts")}
     provenance["run_dir"] = str(run.path)
     return Baseline(manifest["suite_name"], manifest.get("suite_sha256", ""), provenance, frame,
                     sets.reset_index(drop=True))
-
-
-def _set_ci(extra: object, field: str) -> float | None:
-    """The jackknife standard error (`ci_se`) or degrees of freedom (`ci_df`) a set row records, else None."""
-    if not isinstance(extra, str) or not extra:
-        return None
-    value = json.loads(extra).get(field)
-    return None if value is None else float(value)
 
 
 def save_baseline(run_dir: Path, target: Path) -> Baseline:
@@ -105,7 +97,8 @@ def load_baseline(path: Path) -> Baseline:
     # not fail to match every run because those came back as None.
     columns = [c for c in PER_IMAGE if c not in ITEM or c in stored.columns or stored.empty]
     per_image_rows = _upgrade(stored.reindex(columns=columns))
-    sets = _upgrade(pd.DataFrame(payload["sets"]).reindex(columns=SETS))
+    stored_sets = expand_groups(pd.DataFrame(payload["sets"]))  # saved before schema 3: a JSON `group`
+    sets = _upgrade(stored_sets.reindex(columns=[*SETS, *group_columns(stored_sets)]))
     return Baseline(payload["suite_name"], payload.get("suite_sha256", ""), payload.get("provenance", {}),
                     per_image_rows, sets)
 

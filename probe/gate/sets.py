@@ -7,7 +7,6 @@ and seeds). When either side has no CI the group is inconclusive in significant 
 
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING
 
@@ -15,6 +14,7 @@ import pandas as pd
 from scipy import stats
 
 from probe.gate.verdict import Outcome, Rule, decide, nothing, sign_of
+from probe.store.tables import group_columns, group_of
 
 if TYPE_CHECKING:
     from probe.gate.baseline import Baseline
@@ -25,12 +25,9 @@ Z95 = 1.959963984540054
 
 
 def _se_df(row: pd.Series) -> tuple[float, float] | None:
-    """A set row's (standard error, degrees of freedom): the jackknife's `ci_se`/`ci_df` from its record (or the
-    baseline's se/df columns), else half its CI width over 1.96 with df infinite (older rows), else None."""
-    extra = row.get("extra")
-    recorded = json.loads(extra) if isinstance(extra, str) and extra else {}
-    se = recorded.get("ci_se", row.get("se"))
-    df = recorded.get("ci_df", row.get("df"))
+    """A set row's (standard error, degrees of freedom): the jackknife's `se`/`df` columns, else half its CI
+    width over 1.96 with df infinite (rows older than the jackknife), else None."""
+    se, df = row.get("se"), row.get("df")
     if se is not None and not pd.isna(se):
         return float(se), float("inf") if df is None or pd.isna(df) else float(df)
     low, high = row.get("low"), row.get("high")
@@ -65,8 +62,7 @@ def set_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | None) -> l
         group["steps"] = None if group["steps"] is None else int(group["steps"])
         if row["series"] != rule.metric:
             group["series"] = row["series"]
-        if isinstance(row.get("group"), str) and row["group"]:
-            group.update(json.loads(row["group"]))
+        group.update(group_of(row))
         low = None if pd.isna(row["low"]) else float(row["low"])
         high = None if pd.isna(row["high"]) else float(row["high"])
         value = float("nan") if pd.isna(row["value"]) else float(row["value"])
@@ -88,15 +84,17 @@ def set_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | None) -> l
 
 
 def _same_set(sets: pd.DataFrame, row: pd.Series) -> pd.DataFrame:
-    """Baseline rows with the same series, probe, model, steps, strength, group and reference (missing equals
-    missing; baselines saved before the reference was stored match any)."""
+    """Baseline rows with the same series, probe, model, steps, strength, group (`var_*`) and reference (missing
+    equals missing; baselines saved before the reference was stored match any)."""
     mask = pd.Series(True, index=sets.index)
-    columns = ["series", "probe", "model", "steps", "strength", "group"]
+    columns = ["series", "probe", "model", "steps", "strength",
+               *sorted({*group_columns(sets), *(c for c in row.index if str(c).startswith("var_"))})]
     if "reference" in sets.columns and sets["reference"].notna().any():
         columns.append("reference")
     for column in columns:
         value = row.get(column)
         empty = value is None or (not isinstance(value, str) and pd.isna(value)) or value == ""
-        column_empty = sets[column].isna() | (sets[column] == "")
-        mask &= column_empty if empty else (sets[column] == value)
+        present = sets[column] if column in sets else pd.Series(None, index=sets.index, dtype=object)
+        column_empty = present.isna() | (present == "")
+        mask &= column_empty if empty else (present == value)
     return sets[mask]

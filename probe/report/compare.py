@@ -12,6 +12,7 @@ import pandas as pd
 
 from probe.report.data import RunData
 from probe.report.fmt import ARROWS, better, direction, fmt, fmt_ci, fmt_coord, fmt_signed, missing
+from probe.store.tables import group_label, group_of
 
 MATCH = ["probe", "model", "steps", "strength", "series", "reference", "group"]
 
@@ -19,6 +20,7 @@ MATCH = ["probe", "model", "steps", "strength", "series", "reference", "group"]
 def _keyed(aggregates: pd.DataFrame) -> pd.DataFrame:
     """Aggregates with the match columns as strings (NaN-free, so rows with no strength still match)."""
     frame = aggregates.copy()
+    frame["group"] = [group_label(group_of(row)) for _, row in frame.iterrows()]  # the var_* columns, as one key
     for column in MATCH:
         if column not in frame:
             frame[column] = None

@@ -15,6 +15,7 @@ import pandas as pd
 from probe.report.data import RunData
 from probe.report.fmt import ARROWS, direction, missing
 from probe.report.tables import column_key
+from probe.store.tables import group_columns
 
 STYLES = ["-", "--", ":", "-."]
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -34,7 +35,9 @@ def quality_plots(data: RunData, out: Path) -> dict[str, list[dict[str, str]]]:
     agg = data.aggregates
     if agg.empty:
         return {}
-    agg = agg[agg["group"].isna() & agg["mean"].notna()]
+    groups = group_columns(agg)
+    ungrouped = ~agg[groups].notna().any(axis=1) if groups else pd.Series(True, index=agg.index)
+    agg = agg[ungrouped & agg["mean"].notna()]
     colours = model_colours(data.models)
     prefix = out.resolve().relative_to(data.path.resolve()).as_posix()
     plots: dict[str, list[dict[str, str]]] = {}

@@ -10,6 +10,7 @@ import pandas as pd
 
 from probe.report.data import RunData
 from probe.report.fmt import ARROWS, DASH, better, description, direction, fmt, fmt_ci, fmt_coord, fmt_count, fmt_signed, missing
+from probe.store.tables import group_columns, group_label, group_of
 
 COORDS = ["model", "steps", "strength"]
 
@@ -65,7 +66,8 @@ def _norm(coords: tuple[Any, ...]) -> tuple[Any, ...]:
 def summary(data: RunData, probe: str) -> dict[str, Any]:
     """The summary table of one probe (ungrouped aggregates) and its grouped set-metric rows."""
     agg = data.aggregates[data.aggregates["probe"] == probe]
-    grouped = agg[agg["group"].notna()] if "group" in agg else agg.iloc[0:0]
+    groups = group_columns(agg)
+    grouped = agg[agg[groups].notna().any(axis=1)] if groups else agg.iloc[0:0]
     agg = agg.drop(grouped.index)
     columns: dict[str, dict[str, Any]] = {}
     for row in agg.itertuples():
@@ -103,11 +105,12 @@ def _row(coords: tuple[Any, ...], info: dict[str, Any]) -> dict[str, Any]:
 def _grouped_rows(grouped: pd.DataFrame, order: dict[str, int]) -> list[dict[str, Any]]:
     """Set metrics computed per group (group_by variables): one line each."""
     rows = []
-    for row in grouped.itertuples():
-        rows.append({"sort": _sort_key(order, row.model, row.steps, row.strength), "model": row.model,
-                     "steps": fmt_coord(row.steps), "strength": fmt_coord(row.strength), "metric": row.series,
-                     "arrow": ARROWS[direction(row.metric)], "group": row.group, "reference": row.reference,
-                     "mean": fmt(row.mean), "ci": fmt_ci(row.low, row.high), "n_images": fmt_count(row.n_images)})
+    for _, row in grouped.iterrows():
+        rows.append({"sort": _sort_key(order, row["model"], row["steps"], row["strength"]), "model": row["model"],
+                     "steps": fmt_coord(row["steps"]), "strength": fmt_coord(row["strength"]), "metric": row["series"],
+                     "arrow": ARROWS[direction(row["metric"])], "group": group_label(group_of(row)),
+                     "reference": row["reference"],
+                     "mean": fmt(row["mean"]), "ci": fmt_ci(row["low"], row["high"]), "n_images": fmt_count(row["n_images"])})
     return sorted(rows, key=lambda r: (r["metric"], r["group"], r["sort"]))
 
 

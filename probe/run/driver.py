@@ -186,6 +186,7 @@ def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring,
     from probe.analyse.aggregate import aggregate, paired_deltas
     from probe.score.scorer import score_run
     from probe.store.atomic import write_parquet_atomic
+    from probe.store.score_cache import ScoreCache
     from probe.store.tables import ScoresTable, read_scores
 
     frame = pd.read_parquet(run_dir / "jobs.parquet")
@@ -194,7 +195,7 @@ def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring,
         scoring.ctx.run_dir = run_dir
         try:
             configs = score_run(run_dir, frame, scoring.prepared, scoring.ctx, progress,
-                                sink=ScoresTable(run_dir)).configs
+                                sink=ScoresTable(run_dir, ScoreCache(scoring.ctx.features.root.parent))).configs
         finally:
             progress.finish()
     scores = read_scores(run_dir)

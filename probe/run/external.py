@@ -158,6 +158,7 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     from probe.score.protocol import ScoringContext
     from probe.score.scorer import prepare_metrics, score_run
     from probe.store.features import FeatureCache
+    from probe.store.score_cache import ScoreCache
     from probe.store.tables import ScoresTable, read_scores
 
     rows = read_prompt_table(request.prompts)
@@ -182,7 +183,7 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     run.write_manifest(manifest)
     ctx.run_dir = run.path
     per_probe = [replace(p, probe=probe) for probe in jobs["probe"].unique() for p in prepared]
-    counts = score_run(run.path, jobs, per_probe, ctx, progress, sink=ScoresTable(run.path))
+    counts = score_run(run.path, jobs, per_probe, ctx, progress, sink=ScoresTable(run.path, ScoreCache(ctx.features.root.parent)))
     scores = read_scores(run.path)
     write_parquet_atomic(aggregate(jobs, scores), run.path / "aggregates.parquet")
     models = list(dict.fromkeys(jobs["model"]))

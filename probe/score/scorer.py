@@ -31,8 +31,7 @@ from probe.score.protocol import ImageItem, ImageMetric, Score, ScoringContext, 
 from probe.spec.loader import image_files
 from probe.spec.schema import MetricSpec
 from probe.stats.jackknife import METHOD, make_design
-from probe.store.score_cache import ScoreCache
-from probe.store.tables import score_ids
+from probe.store.tables import group_columns, score_ids
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +66,18 @@ def config_id(config: dict[str, Any]) -> str:
 
 
 class ScoreSink(Protocol):
-    """Where a scoring pass's rows go: the caller (the run driver) owns the file; the pass only hands rows over.
+    """Where a scoring pass's rows go: the caller (the run driver) owns the files; the pass only hands rows over.
 
-    `frame` is every row written so far (what is already scored); `add` appends rows, dropping the rows
-    `replace` selects in the same write (a set row whose images changed replaces its stale row).
+    `frame` is every row written so far (what is already scored); `reuse` takes rows computed before under
+    the same configuration (by another run: the cross-run score cache) and says which score ids it had;
+    `add` appends rows, dropping the rows `replace` selects in the same write (a set row whose images
+    changed replaces its stale row).
     """
 
     @property
     def frame(self) -> pd.DataFrame: ...
+
+    def reuse(self, config_id: str, wanted: list[str]) -> set[str]: ...
 
     def add(self, rows: list[dict[str, Any]], replace: pd.Series | None = None) -> None: ...
 
@@ -180,9 +183,7 @@ def _score_images(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir:
     existing = writer.frame
     have = set(existing.loc[existing["config_id"] == cid, "score_id"])  # a config id names one configuration
     items = _scored_items(rows, run_dir)
-    cache = ScoreCache(ctx.features.root.parent)
-    cached = cache.rows(cid)
-    writer.add([row for sid in items if sid not in have and sid in cached for row in cached[sid]])
+    cached = writer.reuse(cid, [sid for sid in items if sid not in have])
     todo = [(sid, image) for sid, image in items.items() if sid not in have and sid not in cached]
     if progress is not None and todo:
         progress.group(f"score {label} ({item.probe})", len(todo))
@@ -191,7 +192,6 @@ def _score_images(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir:
         scores = item.metric.score([image for _, image in chunk], ctx)
         new_rows = [_image_row(s, item, by_key[s.key]) for s in scores if s.key is not None]
         writer.add(new_rows)
-        cache.add(cid, new_rows)
         if progress is not None:
             progress.advance(len(chunk))
     return len(todo), len(items) - len(todo)
@@ -202,7 +202,7 @@ def _image_row(score: Score, item: PreparedMetric, sid: str) -> dict[str, Any]:
     return {"metric": score.metric, "args": canonical_args(item.spec.args),
             "series": metric_label(score.metric, item.spec.args), "config_id": item.config_id, "score_id": sid,
             "key": score.key, "value": score.value, "label": score.label, "text": score.text,
-            "extra": json.dumps(score.extra, default=str) if score.extra else None}
+            "extra": dict(score.extra) if score.extra else None}
 
 
 def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
@@ -250,7 +250,10 @@ def _same_group(frame: pd.DataFrame, label: str, probe: str, coords: dict[str, A
         value = coords[column]
         mask &= frame[column].isna() if pd.isna(value) else frame[column] == value
     variables = {k: v for k, v in coords.items() if k.startswith("var_")}
-    return mask & (frame["group"].astype(object).fillna("") == (json.dumps(variables) if variables else ""))
+    for column in sorted({*group_columns(frame), *variables}):
+        present = frame[column] if column in frame else pd.Series(None, index=frame.index, dtype=object)
+        mask &= present.isna() if column not in variables else present == variables[column]
+    return mask
 
 
 def _set_row(item: PreparedMetric, label: str, coords: dict[str, Any], items: list[ImageItem], reference: np.ndarray,
@@ -261,6 +264,8 @@ def _set_row(item: PreparedMetric, label: str, coords: dict[str, Any], items: li
     value: float | None = None
     low: float | None = None
     high: float | None = None
+    se: float | None = None
+    df: float | None = None
     try:
         point, extra = metric.compare(features, reference)
     except ValueError as exc:  # e.g. a group too small for the metric: recorded, not fatal
@@ -272,18 +277,18 @@ def _set_row(item: PreparedMetric, label: str, coords: dict[str, Any], items: li
                              np.array([i.prompt for i in reference_items]) if paired else None,
                              max_groups=metric.ci_groups, n_reference=len(reference_items))
         interval = metric.interval(features, reference, design, point, extra)
-        value, low, high = point, interval.low, interval.high
-        extra = {**extra, "ci": METHOD, "ci_groups": design.n_x_groups, "ci_df": interval.df, "ci_se": interval.se,
+        value, low, high, se, df = point, interval.low, interval.high, interval.se, interval.df
+        extra = {**extra, "ci": METHOD, "ci_groups": design.n_x_groups,
                  "ci_design": "paired prompts" if paired else "independent reference",
                  **({"ci_reason": interval.reason} if interval.reason else {})}
     variables = {k: v for k, v in coords.items() if k.startswith("var_")}
     return {"metric": item.spec.name, "args": canonical_args(item.spec.args), "series": label,
-            "config_id": item.config_id, "key": None, "value": value, "low": low, "high": high,
+            "config_id": item.config_id, "key": None, "value": value, "low": low, "high": high, "se": se, "df": df,
             "probe": item.probe, "model": coords["model"], "steps": coords["steps"],
             "strength": None if pd.isna(coords["strength"]) else coords["strength"],
-            "group": json.dumps(variables) if variables else None,
+            **{k: str(v) for k, v in variables.items()},
             "reference": reference_name, "set_hash": set_hash, "n": len(items),
-            "n_reference": len(reference_items), "extra": json.dumps(extra, default=str)}
+            "n_reference": len(reference_items), "extra": extra}
 
 
 def _reference(spec: MetricSpec, rows: pd.DataFrame, coords: dict[str, Any], run_dir: Path,

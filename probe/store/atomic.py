@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
 
 
 def default_cache_dir() -> Path:
@@ -60,10 +61,15 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """A table as parquet, written with `atomic_write_bytes`, so readers never see half a file."""
+def write_parquet_atomic(frame: pd.DataFrame | pa.Table, path: Path) -> None:
+    """A table (pandas or Arrow) as parquet, written with `atomic_write_bytes`, so readers never see half a file."""
     buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
+    if hasattr(frame, "to_parquet"):  # pandas; checked by duck type so importing this module loads no pandas
+        frame.to_parquet(buffer, index=False)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(frame, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
