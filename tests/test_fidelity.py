@@ -177,13 +177,14 @@ def test_pairs_respect_the_target_text(tmp_path):
     assert [o.n for o in outcome] == [4, 4]  # per model: 4 pairs each, no OPEN x CLOSED cross pairs
 
 
-def test_score_cache_files_are_named_by_configuration_id(tmp_path):
+def test_score_cache_records_are_keyed_by_configuration_id(tmp_path):
     cache = ScoreCache(tmp_path)
-    cache.add("0123456789abcdef", [{"score_id": "s", "value": 1.0}])
-    assert [p.name for p in (tmp_path / "scores").iterdir()] == ["0123456789abcdef.jsonl"]
+    row = {"score_id": "s", "key": "k", "metric": "m", "value": 1.0}
+    cache.add("0123456789abcdef", [row])
     long_label = metric_label("perceived_gender", {"prompts": ["a photo of a woman " * 20, "a photo of a man " * 20]})
-    assert len(long_label) > 255  # once the file name, now only a display label
-    assert ScoreCache(tmp_path).rows("0123456789abcdef") == {"s": [{"score_id": "s", "value": 1.0}]}
+    assert len(long_label) > 255  # once a file name, now only a display label: the id is the record's key
+    assert ScoreCache(tmp_path).rows("0123456789abcdef") == {"s": [row]}
+    assert ScoreCache(tmp_path).rows(long_label) == {}
 
 
 def test_scores_of_older_runs_are_upgraded_to_metric_and_series(tmp_path):

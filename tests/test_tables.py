@@ -100,7 +100,7 @@ def test_a_new_run_writes_no_json_strings(tmp_path):
     result = CliRunner().invoke(app, ["run", str(FIXTURES / "run-v2.suite.yaml"), "--out", str(tmp_path / "out"),
                                       "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
-    run_dir = next(p for p in (tmp_path / "out" / "schema-two").iterdir() if not p.is_symlink())
+    run_dir = next(p for p in (tmp_path / "out" / "schema-two").iterdir() if p.is_dir() and not p.is_symlink())
     assert json.loads((run_dir / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION == 3
     for name in ("scores.parquet", "aggregates.parquet"):
         table = pq.read_table(run_dir / name)

@@ -5,6 +5,7 @@ matplotlib's object API with the Agg canvas (no pyplot state, no display): PNGs 
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pandas as pd
 from probe.report.data import RunData
 from probe.report.fmt import ARROWS, direction, missing
 from probe.report.tables import column_key
+from probe.store.atomic import atomic_write_bytes
 from probe.store.tables import group_columns
 
 STYLES = ["-", "--", ":", "-."]
@@ -110,4 +112,6 @@ def _plot(group: pd.DataFrame, img2img: bool, colours: dict[str, str], title: st
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, frameon=False)
-    figure.savefig(path, format="png", metadata={"Software": None})
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    atomic_write_bytes(path, buffer.getvalue(), durable=False)  # never a half-written plot under its name

@@ -14,9 +14,12 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from filelock import FileLock
 
 from probe.errors import ProbeError, UsageError
 from probe.generate.executors import Executor, JobOutcome, LocalExecutor, plan_batches
@@ -25,10 +28,10 @@ from probe.planning.planner import plan_jobs, plan_sha256
 from probe.run.folder import RunDir
 from probe.run.manifest import build_manifest, finish_manifest
 from probe.run.options import RunOptions
-from probe.run.records import JobResult, RunCounts
+from probe.run.records import JobResult, RunCounts, RunManifest
 from probe.spec.loader import LoadedSuite, load_suite
 from probe.spec.metric_catalog import DEFAULT_CLIP_MODEL
-from probe.store.images import ImageStore, link_or_copy
+from probe.store.images import ImageStore, link_or_copy, verify_png
 
 log = logging.getLogger(__name__)
 
@@ -97,33 +100,47 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     scoring = _preflight([j for j in jobs if not store.has(j.key)],  # before any folder is made or work started
                          lambda: prepare_scoring(loaded, jobs, options, device))
     executor = executor or choose_executor(options, device)
-    run = None if options.new_run else RunDir.find_resumable(suite_root, plan_hash)
-    resumed = run is not None
-    run = run or RunDir.create(suite_root)
-    started = time.time()
     manifest = build_manifest(loaded, jobs, options, device, plan_hash)
-    previous = run.read_manifest()
-    if previous is not None:
-        manifest = manifest.model_copy(update={"started_at": previous.started_at})
-    run.write_manifest(manifest)
+    with ExitStack() as held:
+        run, resumed, manifest = _open_run(suite_root, plan_hash, options.new_run, manifest, held)
+        started = time.time()
+        results = run.read_results()
+        todo = _pending(jobs, results, store, run)
+        progress.start(len(todo))
+        try:
+            _generate_all(todo, loaded, store, run, executor, options.batch_size, progress)
+        finally:
+            progress.finish()
+        results = run.read_results()
+        run.write_jobs(jobs, results)
+        counts, failures = _count(jobs, results)
+        metric_configs, score_failures = score_and_aggregate(run.path, loaded, scoring, progress)
+        wall = time.time() - started
+        run.write_manifest(finish_manifest(manifest, counts, failures, wall, metric_configs, score_failures))
+        run.update_latest()
+        report, report_error = render_report(run.path, options.debug)  # the folder counts as done once it exists
+    return RunSummary(run_dir=run.path, counts=counts, wall_seconds=wall, resumed=resumed,
+                      failures=failures + score_failures, report=report, report_error=report_error)
 
-    results = run.read_results()
-    todo = _pending(jobs, results, store, run)
-    progress.start(len(todo))
-    try:
-        _generate_all(todo, loaded, store, run, executor, options.batch_size, progress)
-    finally:
-        progress.finish()
-    results = run.read_results()
-    run.write_jobs(jobs, results)
-    counts, failures = _count(jobs, results)
-    metric_configs = score_and_aggregate(run.path, loaded, scoring, progress)
-    wall = time.time() - started
-    run.write_manifest(finish_manifest(manifest, counts, failures, wall, metric_configs))
-    run.update_latest()
-    report, report_error = render_report(run.path, options.debug)
-    return RunSummary(run_dir=run.path, counts=counts, wall_seconds=wall, resumed=resumed, failures=failures,
-                      report=report, report_error=report_error)
+
+def _open_run(suite_root: Path, plan_hash: str, new_run: bool, manifest: RunManifest,
+              held: ExitStack) -> tuple[RunDir, bool, RunManifest]:
+    """The run folder to work in, locked for this process: the newest unfinished one of this plan, or a new one.
+
+    Choosing is done under a lock on the suite's folder, so two runs started at once cannot both decide to
+    create (and fill) their own folder; the second finds the first's folder and is told who holds it.
+    """
+    suite_root.mkdir(parents=True, exist_ok=True)
+    with FileLock(suite_root / ".probe.select.lock", timeout=120):
+        run = None if new_run else RunDir.find_resumable(suite_root, plan_hash)
+        resumed = run is not None
+        run = run or RunDir.create(suite_root)
+        held.enter_context(run.lock())
+        previous = run.read_manifest()
+        if previous is not None:
+            manifest = manifest.model_copy(update={"started_at": previous.started_at})
+        run.write_manifest(manifest)
+    return run, resumed, manifest
 
 
 def render_report(run_dir: Path, debug: bool = False) -> tuple[Path | None, str | None]:
@@ -179,8 +196,9 @@ class Scoring:
 
 
 def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring,
-                        progress: Progress) -> dict[str, dict[str, object]]:
-    """Score what the probes list, then write aggregates.parquet and deltas.parquet; returns metric configs."""
+                        progress: Progress) -> tuple[dict[str, dict[str, object]], list[dict[str, str]]]:
+    """Score what the probes list, then write aggregates.parquet and deltas.parquet; returns the metric
+    configurations and the scores that failed."""
     import pandas as pd
 
     from probe.analyse.aggregate import aggregate, paired_deltas
@@ -191,37 +209,71 @@ def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring,
 
     frame = pd.read_parquet(run_dir / "jobs.parquet")
     configs: dict[str, dict[str, object]] = {}
+    failures: list[dict[str, str]] = []
     if scoring.prepared:
         scoring.ctx.run_dir = run_dir
         try:
-            configs = score_run(run_dir, frame, scoring.prepared, scoring.ctx, progress,
-                                sink=ScoresTable(run_dir, ScoreCache(scoring.ctx.features.root.parent))).configs
+            counts = score_run(run_dir, frame, scoring.prepared, scoring.ctx, progress,
+                               sink=ScoresTable(run_dir, ScoreCache(scoring.ctx.features.root.parent)))
+            configs, failures = counts.configs, counts.failures
         finally:
             progress.finish()
     scores = read_scores(run_dir)
     write_parquet_atomic(aggregate(frame, scores), run_dir / "aggregates.parquet")
     subject = loaded.suite.models[0].label
     write_parquet_atomic(paired_deltas(frame, scores, subject), run_dir / "deltas.parquet")
-    return configs
+    return configs, failures
 
 
 def _pending(jobs: Sequence[Job], results: dict[str, JobResult], store: ImageStore, run: RunDir) -> list[Job]:
-    """One job per key still to generate; keys already in the store are linked and logged as cached."""
+    """One job per key still to generate; keys already in the store are linked and logged as cached.
+
+    What is reused is checked first (`verify_png`: whole, CRCs right, its own key): a bad image in the run
+    folder or the store is moved aside, its scores and features are forgotten, and it is generated again.
+    """
     todo: dict[str, Job] = {}
     cached: list[JobResult] = []
+    bad: set[str] = set()
     for job in jobs:
         key = job.key
-        if key in todo or (key in results and results[key].status != "failed" and run.image_path(key).is_file()):
+        if key in todo or key in bad:
+            if key in bad:
+                todo[key] = job
             continue
+        here = run.image_path(key)
+        if key in results and results[key].status != "failed" and here.is_file():
+            if verify_png(here, key) is None:
+                continue
+            here.unlink()  # a hard link to the store's file, or a copy: either way not to be trusted
         if store.has(key):
-            link_or_copy(store.path(key), run.image_path(key))
-            if key not in results or results[key].status == "failed":
-                cached.append(JobResult(key=key, status="cached"))
-                results[key] = cached[-1]
-            continue
+            problem = store.verify(key)
+            if problem is None:
+                link_or_copy(store.path(key), here)
+                if key not in results or results[key].status == "failed":
+                    cached.append(JobResult(key=key, status="cached"))
+                    results[key] = cached[-1]
+                continue
+            store.quarantine(key, problem)
+            bad.add(key)
+        elif key in results and results[key].status != "failed":
+            bad.add(key)  # logged as made, but its image is gone or bad: its scores must not be reused either
         todo[key] = job
     run.append_results(cached)
+    if bad:
+        _forget(bad, {job.probe for job in jobs if job.key in bad}, store, run)
     return list(todo.values())
+
+
+def _forget(keys: set[str], probes: set[str], store: ImageStore, run: RunDir) -> None:
+    """Scores and features of images found bad: in the run's scores.parquet and the cross-run caches."""
+    from probe.store.features import FeatureCache
+    from probe.store.score_cache import ScoreCache
+    from probe.store.tables import ScoresTable
+
+    FeatureCache(store.root).forget(keys)
+    ScoreCache(store.root).forget_keys(keys)
+    ScoresTable(run.path).forget(keys, probes)
+    log.warning("%d image(s) were bad and are generated again; their scores and features are recomputed", len(keys))
 
 
 def _preflight(todo: Sequence[Job], prepare: Callable[[], Scoring]) -> Scoring:

@@ -1,17 +1,26 @@
 """A run directory: reports/<suite>/<run-id>/ with manifest.json, jobs.parquet, images/ and a progress log.
 
 The progress log (progress.jsonl) is appended and fsynced after every batch, so an interrupted run can be
-resumed into the same directory with nothing lost; a torn last line from a kill is ignored.
+resumed into the same directory with nothing lost. A kill mid-append leaves a torn last line: it is ended
+with a newline before the next append (so the next record is never glued onto it) and skipped when read,
+like any line that is not a record (bad UTF-8, stray bytes); its job is simply done again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
+from probe.errors import UsageError
 from probe.planning.job import Job
 from probe.run.records import JobResult, RunManifest
 from probe.store.atomic import atomic_write_bytes, replace_symlink, write_parquet_atomic
@@ -19,6 +28,9 @@ from probe.store.atomic import atomic_write_bytes, replace_symlink, write_parque
 MANIFEST = "manifest.json"
 JOBS = "jobs.parquet"
 PROGRESS = "progress.jsonl"
+LOCK = ".probe.lock"
+OWNER = ".probe.lock.owner"
+log = logging.getLogger(__name__)
 _RUN_NAME = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")
 
 
@@ -53,7 +65,8 @@ class RunDir:
 
     @classmethod
     def find_resumable(cls, suite_root: Path, plan_sha256: str) -> RunDir | None:
-        """The newest unfinished run of the same plan, if any."""
+        """The newest unfinished run of the same plan, if any: still running, or finished without its report
+        (a kill while the report was written), so a rerun completes it instead of starting over."""
         if not suite_root.is_dir():
             return None
         runs = (p for p in suite_root.iterdir() if p.is_dir() and not p.is_symlink())
@@ -62,10 +75,29 @@ class RunDir:
             manifest = run.read_manifest()
             if manifest is None:
                 continue
-            if manifest.status == "running" and manifest.plan_sha256 == plan_sha256:
+            unfinished = manifest.status == "running" or not (path / "index.html").is_file()  # killed mid-report
+            if unfinished and manifest.plan_sha256 == plan_sha256:
                 return run
             return None  # only the newest run is a candidate: never resume into an old one
         return None
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for this process (a second `probe run` into it is refused, saying who holds it)."""
+        lock = FileLock(self.path / LOCK, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UsageError(f"{self.path} is in use by another probe process ({_owner(self.path)}); wait for it "
+                             "to finish, or pass --new to start a separate run folder") from None
+        try:
+            atomic_write_bytes(self.path / OWNER, json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                          time.gmtime())}).encode())
+            yield
+        finally:
+            (self.path / OWNER).unlink(missing_ok=True)
+            lock.release()
 
     def image_path(self, key: str) -> Path:
         return self.path / "images" / key[:2] / f"{key}.png"
@@ -86,24 +118,32 @@ class RunDir:
         """Append results and force them to disk before the caller moves on."""
         if not results:
             return
-        lines = "".join(r.model_dump_json() + "\n" for r in results)
-        with (self.path / PROGRESS).open("a", encoding="utf-8") as handle:
+        lines = "".join(r.model_dump_json() + "\n" for r in results).encode("utf-8")
+        with (self.path / PROGRESS).open("ab") as handle:
+            if handle.tell() and not _ends_with_newline(self.path / PROGRESS):
+                lines = b"\n" + lines  # end a torn fragment first: it stays one unreadable line, skipped
             handle.write(lines)
             handle.flush()
             os.fsync(handle.fileno())
 
     def read_results(self) -> dict[str, JobResult]:
-        """Latest result per job key; unreadable (torn) lines are skipped."""
+        """Latest result per job key; lines that are not a whole record (torn, bad UTF-8) are skipped."""
         results: dict[str, JobResult] = {}
         path = self.path / PROGRESS
         if not path.is_file():
             return results
-        for line in path.read_text(encoding="utf-8").splitlines():
+        skipped = 0
+        for line in path.read_bytes().split(b"\n"):
+            if not line.strip():
+                continue
             try:
                 result = JobResult.model_validate_json(line)
-            except ValueError:
+            except ValueError:  # pydantic reads bytes and rejects bad UTF-8 the same way
+                skipped += 1
                 continue
             results[result.key] = result
+        if skipped:
+            log.warning("%s: skipped %d unreadable line(s) (a torn write?); their jobs are done again", path, skipped)
         return results
 
     def write_jobs(self, jobs: list[Job], results: dict[str, JobResult]) -> None:
@@ -121,6 +161,20 @@ class RunDir:
         """Point <suite>/latest at this run (a relative symlink, replaced atomically)."""
         latest = self.path.parent / "latest"
         replace_symlink(latest, self.path.name)
+
+
+def _owner(path: Path) -> str:
+    try:
+        owner = json.loads((path / OWNER).read_text(encoding="utf-8"))
+        return f"pid {owner['pid']} on {owner['host']} since {owner['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "owner unknown"
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
 
 
 def _job_row(job: Job, result: JobResult | None, image: str) -> dict[str, object]:

@@ -78,11 +78,12 @@ def build_manifest(
 
 def finish_manifest(
     manifest: RunManifest, counts: RunCounts, failures: list[dict[str, str]], wall_seconds: float,
-    metrics: dict[str, dict[str, object]] | None = None,
+    metrics: dict[str, dict[str, object]] | None = None, score_failures: list[dict[str, str]] | None = None,
 ) -> RunManifest:
-    """The manifest of a finished run: counts, failures, end time."""
+    """The manifest of a finished run: counts, failures (of jobs and of scores), end time."""
     return manifest.model_copy(update={
-        "status": "failed" if counts.failed else "complete",
+        "status": "failed" if counts.failed or score_failures else "complete",
+        "score_failures": score_failures or [],
         "finished_at": now_iso(),
         "wall_seconds": round(wall_seconds, 3),
         "counts": counts,

@@ -59,6 +59,8 @@ class RunManifest(BaseModel):
     wall_seconds: float | None = None
     counts: RunCounts = Field(default_factory=RunCounts)
     failures: list[dict[str, str]] = Field(default_factory=list)
+    score_failures: list[dict[str, str]] = Field(
+        default_factory=list, description="Images or groups a metric raised on (no row; scored again next run).")
     metrics: dict[str, dict[str, object]] = Field(
         default_factory=dict, description="Per metric: its configuration (model, revision, preprocessing, config_id)."
     )

@@ -46,6 +46,9 @@ class ScoreCounts:
     computed: dict[str, int] = field(default_factory=dict)
     reused: dict[str, int] = field(default_factory=dict)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    """Scores that could not be computed (the metric raised on an image or a group): the pass goes on, the
+    image or group has no row (so the next run tries again), and the run ends listing them (exit 1)."""
 
 
 def metric_label(name: str, args: dict[str, Any]) -> str:
@@ -77,7 +80,7 @@ class ScoreSink(Protocol):
     @property
     def frame(self) -> pd.DataFrame: ...
 
-    def reuse(self, config_id: str, wanted: list[str]) -> set[str]: ...
+    def reuse(self, config_id: str, wanted: list[str], outputs: frozenset[str] = frozenset()) -> set[str]: ...
 
     def add(self, rows: list[dict[str, Any]], replace: pd.Series | None = None) -> None: ...
 
@@ -141,9 +144,9 @@ def score_run(
         name = metric_label(item.spec.name, item.spec.args)
         counts.configs[name] = {**item.config, "config_id": item.config_id, "outputs": _outputs(item.metric)}
         if isinstance(item.metric, SetMetric):
-            done = _score_sets(item, name, rows, run_dir, ctx, writer, progress)
+            done = _score_sets(item, name, rows, run_dir, ctx, writer, progress, counts.failures)
         else:
-            done = _score_images(item, name, rows, run_dir, ctx, writer, progress)
+            done = _score_images(item, name, rows, run_dir, ctx, writer, progress, counts.failures)
         counts.computed[name] = counts.computed.get(name, 0) + done[0]
         counts.reused[name] = counts.reused.get(name, 0) + done[1]
     return counts
@@ -177,24 +180,47 @@ def _rounds(todo: list[tuple[str, ImageItem]]) -> list[list[tuple[str, ImageItem
 
 
 def _score_images(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
-                  writer: ScoreSink, progress: Any) -> tuple[int, int]:
+                  writer: ScoreSink, progress: Any, failures: list[dict[str, str]]) -> tuple[int, int]:
     assert isinstance(item.metric, ImageMetric)
     cid = item.config_id
     existing = writer.frame
     have = set(existing.loc[existing["config_id"] == cid, "score_id"])  # a config id names one configuration
     items = _scored_items(rows, run_dir)
-    cached = writer.reuse(cid, [sid for sid in items if sid not in have])
+    outputs = frozenset(getattr(getattr(item.metric, "info", None), "outputs", None) or ())
+    cached = writer.reuse(cid, [sid for sid in items if sid not in have], outputs)
     todo = [(sid, image) for sid, image in items.items() if sid not in have and sid not in cached]
     if progress is not None and todo:
         progress.group(f"score {label} ({item.probe})", len(todo))
     for chunk in _rounds(todo):
         by_key = {image.key: sid for sid, image in chunk}
-        scores = item.metric.score([image for _, image in chunk], ctx)
+        scores = _score_chunk(item, label, [image for _, image in chunk], ctx, rows, failures)
         new_rows = [_image_row(s, item, by_key[s.key]) for s in scores if s.key is not None]
         writer.add(new_rows)
         if progress is not None:
             progress.advance(len(chunk))
     return len(todo), len(items) - len(todo)
+
+
+def _score_chunk(item: PreparedMetric, label: str, images: list[ImageItem], ctx: ScoringContext, rows: pd.DataFrame,
+                 failures: list[dict[str, str]]) -> list[Score]:
+    """A chunk's scores; when the metric raises, each image is tried alone and only the ones that fail are
+    recorded as failures (any exception: one bad image must not stop the other images or metrics)."""
+    try:
+        return list(item.metric.score(images, ctx))  # type: ignore[union-attr]
+    except Exception as exc:  # noqa: BLE001 - recorded per image below, with its error
+        if len(images) == 1:
+            log.debug("%s failed on %s", label, images[0].key, exc_info=True)
+            failures.append(_failure(label, item.probe, rows[rows["key"] == images[0].key], exc))
+            return []
+    return [score for image in images for score in _score_chunk(item, label, [image], ctx, rows, failures)]
+
+
+def _failure(label: str, probe: str, rows: pd.DataFrame, exc: BaseException) -> dict[str, str]:
+    """A failed score in the shape of a failed job (manifest.json `score_failures`, the CLI's failure lines)."""
+    first = rows.iloc[0] if not rows.empty else pd.Series(dtype=object)
+    return {"key": str(first.get("key", "")), "probe": probe, "model": str(first.get("model", "")),
+            "prompt": str(first.get("prompt", "")), "seed": str(first.get("seed", "-")),
+            "steps": str(first.get("steps", "-")), "error": f"score {label}: {type(exc).__name__}: {exc}"}
 
 
 def _image_row(score: Score, item: PreparedMetric, sid: str) -> dict[str, Any]:
@@ -206,7 +232,7 @@ def _image_row(score: Score, item: PreparedMetric, sid: str) -> dict[str, Any]:
 
 
 def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
-                writer: ScoreSink, progress: Any) -> tuple[int, int]:
+                writer: ScoreSink, progress: Any, failures: list[dict[str, str]]) -> tuple[int, int]:
     """One row per group: value, jackknife CI over prompts, sizes; skipped if already there unchanged."""
     spec = item.spec
     assert spec.reference is not None and isinstance(item.metric, SetMetric)
@@ -231,12 +257,24 @@ def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: P
             reused += 1
             continue
         ref_id = _set_hash([], reference_items)
-        if ref_id not in references:
-            references[ref_id] = item.metric.embed(reference_items, ctx)
-        row = _set_row(item, label, coords, items, references[ref_id], reference_items, reference_name, set_hash, ctx)
+        try:
+            if ref_id not in references:
+                references[ref_id] = item.metric.embed(reference_items, ctx)
+            row = _set_row(item, label, coords, items, references[ref_id], reference_items, reference_name,
+                           set_hash, ctx)
+        except Exception as exc:  # noqa: BLE001 - one group's failure is recorded; the other groups go on
+            log.debug("%s failed on group %s", label, coords, exc_info=True)
+            failures.append(_failure(label, item.probe, group.iloc[0:0], exc) | {
+                "model": str(coords["model"]), "steps": str(coords["steps"]), "prompt": _group_text(coords)})
+            continue
         writer.add([row], replace=same_group)  # a group whose images changed replaces its stale row
         computed += 1
     return computed, reused
+
+
+def _group_text(coords: dict[str, Any]) -> str:
+    """A set row's group in a failure line: its variables ('occupation=a nurse'), or 'all prompts'."""
+    return ", ".join(f"{k.removeprefix('var_')}={v}" for k, v in coords.items() if k.startswith("var_")) or "all prompts"
 
 
 def _same_group(frame: pd.DataFrame, label: str, probe: str, coords: dict[str, Any], reference: str) -> pd.Series:

@@ -29,11 +29,25 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("probe"))
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: mkstemp makes 0600 files; written files get the mode a plain open() would give (0644 under umask 022), so
+#: a cache or report folder shared by a team stays readable to it.
+FILE_MODE = 0o666 & ~_read_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Write bytes to `path` through a temporary file and a rename (fsynced first when `durable`)."""
+    """Write bytes to `path` through a temporary file (a unique name per call, so processes never share one)
+    and a rename (fsynced first when `durable`); the file gets the umask's mode, not mkstemp's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from probe.store.atomic import atomic_write_bytes, default_cache_dir
+
+log = logging.getLogger(__name__)
 
 
 def text_id(text: str) -> str:
@@ -37,10 +42,35 @@ class FeatureCache:
         return self.root / f"{safe}-{digest}" / item[:2] / f"{item}.npy"
 
     def get(self, extractor: str, item: str) -> np.ndarray | None:
+        """The cached vector, or None; an entry that does not load as a finite float vector is moved aside."""
         path = self._path(extractor, item)
         if not path.is_file():
             return None
-        return np.load(path, allow_pickle=False)
+        try:
+            vector = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # truncated, not .npy, or a pickled object
+            self._quarantine(path, f"{type(exc).__name__}: {exc}")
+            return None
+        if vector.ndim != 1 or vector.dtype.kind != "f" or not np.isfinite(vector).all():
+            self._quarantine(path, f"shape {vector.shape} dtype {vector.dtype}")
+            return None
+        return vector
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        aside = self.root.parent / "quarantine" / "features" / f"{path.parent.parent.name}-{path.name}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, aside)
+        log.warning("feature cache entry %s is bad (%s): moved to %s and computed again", path.name, why, aside)
+        return None
+
+    def forget(self, items: Iterable[str]) -> None:
+        """Drop every extractor's vectors of these items (image keys whose image was found bad)."""
+        items = list(items)
+        if not items or not self.root.is_dir():
+            return
+        for extractor in self.root.iterdir():
+            for item in items:
+                (extractor / item[:2] / f"{item}.npy").unlink(missing_ok=True)
 
     def put(self, extractor: str, item: str, vector: np.ndarray) -> None:
         buffer = io.BytesIO()
@@ -61,21 +91,30 @@ class FeatureCache:
             compute: given indices into `items`, returns their vectors as an (n, d) array.
         """
         found: dict[str, np.ndarray] = {}
-        missing: list[int] = []
-        wanted: set[str] = set()
+        first: dict[str, int] = {}  # each distinct item's first index
         for index, item in enumerate(items):
-            if item in found or item in wanted:
-                continue
-            vector = self.get(extractor, item)
-            if vector is None:
-                missing.append(index)
-                wanted.add(item)
-            else:
-                found[item] = vector
+            if item not in first:
+                first[item] = index
+                vector = self.get(extractor, item)
+                if vector is not None:
+                    found[item] = vector
+        missing = [index for item, index in first.items() if item not in found]
+        vectors = np.asarray(compute(missing)) if missing else None
+        if vectors is not None:
+            width = vectors.shape[1:]
+        else:
+            width = Counter(v.shape for v in found.values()).most_common(1)[0][0] if found else ()
+        stale = [item for item, vector in found.items() if vector.shape != width]
+        for item in stale:  # a vector of another width under this extractor (a hand-copied cache): made again
+            self._quarantine(self._path(extractor, item), f"shape {found.pop(item).shape}, expected {width}")
+        if stale:
+            again = [first[item] for item in stale]
+            more = np.asarray(compute(again))
+            vectors = more if vectors is None else np.concatenate([vectors, more])
+            missing += again
         self.hits += len(found)
         self.misses += len(missing)
-        if missing:
-            vectors = np.asarray(compute(missing))
+        if vectors is not None:
             for index, vector in zip(missing, vectors, strict=True):
                 self.put(extractor, items[index], vector)
                 found[items[index]] = vector

@@ -7,12 +7,16 @@ whole one (a stray `.tmp` at worst, which is ignored and cleaned up).
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from probe.store.atomic import atomic_write_bytes, default_cache_dir
+
+log = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -46,6 +50,21 @@ class ImageStore:
     def has(self, key: str) -> bool:
         return self.path(key).is_file()
 
+    def verify(self, key: str) -> str | None:
+        """None when the stored PNG for `key` is whole and names `key`; else what is wrong with it."""
+        return verify_png(self.path(key), key)
+
+    def quarantine(self, key: str, why: str) -> Path | None:
+        """Move a bad entry aside (to `<root>/quarantine/`, for a person to look at) so it is made again."""
+        source = self.path(key)
+        if not source.exists():
+            return None
+        target = self.root / "quarantine" / f"{key}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        log.warning("cached image %s is bad (%s): moved to %s; it is generated again", key[:12], why, target)
+        return target
+
     def put(self, key: str, image: Image.Image) -> Path:
         """Save `image` as the PNG for `key` (encoded by `encode_png`)."""
         return self.put_bytes(key, encode_png(key, image))
@@ -67,6 +86,25 @@ class ImageStore:
         with Image.open(self.path(key)) as image:
             image.load()
             return image.copy()
+
+
+def verify_png(path: Path, key: str) -> str | None:
+    """What is wrong with the PNG at `path` (None when nothing is): missing, truncated, a chunk whose CRC does not
+    match (PIL's verify reads every chunk and checks its CRC: a hash's cost, no decode), or another key's image.
+
+    Images stored before keys were written into them carry no `probe-key` and are accepted on their CRCs.
+    """
+    try:
+        with Image.open(path) as image:
+            stored_key = image.info.get("probe-key")
+            image.verify()
+    except FileNotFoundError:
+        return "missing"
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types (SyntaxError, OSError, struct.error...)
+        return f"{type(exc).__name__}: {exc}"
+    if stored_key is not None and stored_key != key:
+        return f"holds the image of key {str(stored_key)[:12]}"
+    return None
 
 
 def link_or_copy(source: Path, target: Path) -> None:

@@ -1,61 +1,132 @@
 """Per-image scores shared by all runs: (metric config id, score id) -> score rows, computed once, ever.
 
-A score id names the image and what it is scored against (prompt, target text): see scoring.score_id.
+A score id names the image and what it is scored against (prompt, target text): see tables.score_id.
 
-A metric may write several rows per image (ocr writes ocr_exact, ocr_cer, ...); they are kept together.
-
-Like the image store, so re-running a suite (or another suite over the same images) re-scores nothing.
-One append-only JSONL file per metric configuration under `<cache>/scores/<config_id>.jsonl` (named by the
-configuration's hash, never by its label, which can be long or hold any character); each append is fsynced,
-and a torn last line from a kill is skipped when read.
+Kept in SQLite (`<cache>/scores.sqlite`, write-ahead log) rather than appended text files: each image's rows
+(ocr writes ocr_exact, ocr_cer, ... for one image) are one record written in one transaction, so a kill can
+never leave an image half-scored, two processes can write at once, and no torn line exists to be misread.
+A record that does not parse is dropped with a warning and its image scored again; a database file that
+SQLite cannot open is moved aside (`scores.sqlite.corrupt-<time>`) and a fresh one started.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+DATABASE = "scores.sqlite"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS scores (
+    config_id TEXT NOT NULL,
+    score_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    rows TEXT NOT NULL,
+    PRIMARY KEY (config_id, score_id)
+);
+CREATE INDEX IF NOT EXISTS scores_by_key ON scores (key);
+"""
 
 
 class ScoreCache:
     """Score rows by metric configuration and score id."""
 
     def __init__(self, cache_root: Path) -> None:
-        self.root = Path(cache_root) / "scores"
+        self.path = Path(cache_root) / DATABASE
+        self._db: sqlite3.Connection | None = None
         self._loaded: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
-    def _path(self, config_id: str) -> Path:
-        return self.root / f"{config_id}.jsonl"
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._db = _open(self.path)
+            except sqlite3.DatabaseError as exc:  # not a database, or damaged beyond SQLite's recovery
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+                log.warning("score cache %s is unreadable (%s); moved to %s, scores are computed again",
+                            self.path, exc, aside.name)
+                for suffix in ("", "-wal", "-shm"):
+                    part = self.path.with_name(self.path.name + suffix)
+                    if part.exists():
+                        part.rename(aside.with_name(aside.name + suffix))
+                self._db = _open(self.path)
+        return self._db
 
     def rows(self, config_id: str) -> dict[str, list[dict[str, Any]]]:
-        """Cached rows of one configuration, by score id."""
-        name = config_id
-        if name not in self._loaded:
+        """Cached rows of one configuration, by score id (records that do not parse are dropped)."""
+        if config_id not in self._loaded:
+            db = self._connect()
             found: dict[str, list[dict[str, Any]]] = {}
-            path = self._path(config_id)
-            if path.is_file():
-                for line in path.read_text(encoding="utf-8").splitlines():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    found.setdefault(row["score_id"], [])
-                    if row not in found[row["score_id"]]:
-                        found[row["score_id"]].append(row)
-            self._loaded[name] = found
-        return self._loaded[name]
+            bad = []
+            for score_id, text in db.execute("SELECT score_id, rows FROM scores WHERE config_id = ?", (config_id,)):
+                parsed = _parse(text, score_id)
+                if parsed is None:
+                    bad.append(score_id)
+                else:
+                    found[score_id] = parsed
+            if bad:
+                log.warning("score cache: %d unreadable record(s) of configuration %s dropped; scored again",
+                            len(bad), config_id)
+                with db:
+                    db.executemany("DELETE FROM scores WHERE config_id = ? AND score_id = ?",
+                                   [(config_id, sid) for sid in bad])
+            self._loaded[config_id] = found
+        return self._loaded[config_id]
 
     def add(self, config_id: str, rows: list[dict[str, Any]]) -> None:
-        """Append rows (each with a `score_id`) and force them to disk."""
-        if not rows:
-            return
-        path = self._path(config_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(r, default=str) + "\n" for r in rows))
-            handle.flush()
-            os.fsync(handle.fileno())
-        loaded = self.rows(config_id)
+        """Record rows (each with a `score_id` and `key`): one record per score id, in one transaction."""
+        by_id: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
-            loaded.setdefault(row["score_id"], []).append(row)
+            by_id.setdefault(row["score_id"], []).append(row)
+        if not by_id:
+            return
+        db = self._connect()
+        with db:
+            db.executemany("INSERT OR REPLACE INTO scores (config_id, score_id, key, rows) VALUES (?, ?, ?, ?)",
+                           [(config_id, sid, str(group[0]["key"]), json.dumps(group, default=str))
+                            for sid, group in by_id.items()])
+        if config_id in self._loaded:
+            self._loaded[config_id].update(by_id)
+
+    def forget_keys(self, keys: Iterable[str]) -> int:
+        """Drop every configuration's rows for these image keys (their image was bad); returns how many."""
+        keys = list(keys)
+        if not keys:
+            return 0
+        db = self._connect()
+        with db:
+            removed = sum(db.execute("DELETE FROM scores WHERE key = ?", (key,)).rowcount for key in keys)
+        self._loaded.clear()
+        return removed
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=60)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(_SCHEMA)
+    db.execute("SELECT count(*) FROM scores").fetchone()  # a damaged file fails here, not mid-run
+    return db
+
+
+def _parse(text: str, score_id: str) -> list[dict[str, Any]] | None:
+    """A record's rows, or None when it is not a non-empty list of rows for this score id."""
+    try:
+        rows = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(rows, list) or not rows:
+        return None
+    if not all(isinstance(r, dict) and r.get("score_id") == score_id and "metric" in r for r in rows):
+        return None
+    return rows

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,12 +57,25 @@ SCORE_COLUMNS = ["metric", "args", "series", "config_id", "score_id", "key", "va
                  "extra"]
 
 
-def read_scores(run_dir: Path) -> pd.DataFrame:
-    """scores.parquet, upgraded on read from older schemas (a label in `metric`; JSON `group` and `extra`)."""
+def read_scores(run_dir: Path, *, repair: bool = False) -> pd.DataFrame:
+    """scores.parquet, upgraded on read from older schemas (a label in `metric`; JSON `group` and `extra`).
+
+    A file that is not readable parquet is an error naming it; with `repair` (the run driver, which can
+    score again) it is moved aside as `scores.parquet.corrupt-<time>` and an empty table returned instead.
+    """
     path = run_dir / SCORES
     if not path.is_file():
         return pd.DataFrame(columns=SCORE_COLUMNS)
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        if not repair:
+            raise UsageError(f"{path} is not a readable table ({exc}); `probe run` on its suite scores it again") from None
+        aside = path.with_name(f"{SCORES}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        log.warning("%s was unreadable (%s): moved to %s; its scores are taken from the cache or computed again",
+                    path, exc, aside.name)
+        return pd.DataFrame(columns=SCORE_COLUMNS)
     frame = table.drop_columns([c for c in ("extra",) if c in table.column_names]).to_pandas()
     # extra through Arrow's own Python conversion: ints stay ints and lists stay lists (pandas would give
     # floats and numpy arrays)
@@ -217,14 +232,27 @@ class ScoresTable:
     def __init__(self, run_dir: Path, cache: ScoreCache | None = None) -> None:
         self.run_dir = run_dir
         self.cache = cache
-        self.frame = read_scores(run_dir)
+        self.frame = read_scores(run_dir, repair=True)
 
-    def reuse(self, config_id: str, wanted: list[str]) -> set[str]:
-        """Add the cached rows of these score ids under one configuration; returns the ids that were cached."""
+    def forget(self, keys: set[str], probes: set[str]) -> None:
+        """Drop the rows of these image keys and the set rows of the probes they belong to (their image was bad)."""
+        frame = self.frame
+        stale = frame["key"].isin(keys) | (frame["key"].isna() & frame["probe"].isin(probes))
+        if not stale.any():
+            return
+        self.frame = frame[~stale].reset_index(drop=True)
+        write_parquet_atomic(scores_to_arrow(self.frame), self.run_dir / SCORES)
+
+    def reuse(self, config_id: str, wanted: list[str], outputs: frozenset[str] = frozenset()) -> set[str]:
+        """Add the cached rows of these score ids under one configuration; returns the ids that were cached.
+
+        A record is used only when it holds a row for every output the metric writes (`outputs`, e.g. ocr's
+        four), so an image is never counted as scored on part of its rows.
+        """
         if self.cache is None or not wanted:
             return set()
         cached = self.cache.rows(config_id)
-        found = [sid for sid in wanted if sid in cached]
+        found = [sid for sid in wanted if sid in cached and outputs <= {r["metric"] for r in cached[sid]}]
         self._write([row for sid in found for row in cached[sid]])
         return set(found)
 
