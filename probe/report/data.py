@@ -12,8 +12,6 @@ from typing import Any
 
 import pandas as pd
 
-from probe.errors import UsageError
-
 JOB_DEFAULTS: dict[str, Any] = {"mode": "txt2img", "steps": None, "strength": None, "init_image": None, "text": None,
                                 "seconds": None, "status": "cached", "seed": None, "preset": None}
 
@@ -68,11 +66,9 @@ class RunData:
 def load_run(run_dir: Path) -> RunData:
     """Read a run directory for the report; raise UsageError when it is not one."""
     from probe.analyse.aggregate import aggregate, paired_deltas, with_series
-    from probe.store.tables import load_run_tables
+    from probe.store.tables import load_run_tables, read_derived
 
     run_dir = Path(run_dir)
-    if not (run_dir / "manifest.json").is_file() or not (run_dir / "jobs.parquet").is_file():
-        raise UsageError(f"{run_dir} is not a run directory (manifest.json and jobs.parquet are needed)")
     tables = load_run_tables(run_dir)  # the one reader of a run's files (schema checked, old scores upgraded)
     jobs, scores = tables.jobs, tables.scores
     for column, default in JOB_DEFAULTS.items():
@@ -80,9 +76,7 @@ def load_run(run_dir: Path) -> RunData:
             jobs[column] = default
     data = RunData(run_dir, tables.manifest, jobs, scores, pd.DataFrame(), pd.DataFrame())
     agg_path, delta_path = run_dir / "aggregates.parquet", run_dir / "deltas.parquet"
-    data.aggregates = with_series(pd.read_parquet(agg_path)) if agg_path.is_file() else aggregate(jobs, scores)
-    if delta_path.is_file():
-        data.deltas = with_series(pd.read_parquet(delta_path))
-    else:
-        data.deltas = paired_deltas(jobs, scores, data.subject or "")
+    stored, deltas = read_derived(agg_path), read_derived(delta_path)
+    data.aggregates = with_series(stored) if stored is not None else aggregate(jobs, scores)
+    data.deltas = with_series(deltas) if deltas is not None else paired_deltas(jobs, scores, data.subject or "")
     return data

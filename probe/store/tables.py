@@ -182,6 +182,18 @@ def scores_to_arrow(frame: pd.DataFrame) -> pa.Table:
     return table.append_column("extra", detail_array(frame["extra"]))
 
 
+def read_derived(path: Path) -> pd.DataFrame | None:
+    """A table derived from scores (aggregates.parquet, deltas.parquet), or None when it is missing or does
+    not read (torn by a kill, a bad copy): the caller recomputes it from the scores, and a warning says so."""
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        log.warning("%s does not read (%s); recomputed from the scores", path, str(exc).splitlines()[0][:120])
+        return None
+
+
 @dataclass(frozen=True)
 class RunTables:
     """A run directory's manifest, jobs and scores, read from its files."""
@@ -193,11 +205,28 @@ class RunTables:
 
 
 def load_run_tables(run_dir: Path) -> RunTables:
-    """Read manifest.json, jobs.parquet and scores.parquet (upgraded); FileNotFoundError when it is no run."""
+    """Read manifest.json, jobs.parquet and scores.parquet (upgraded); a UsageError naming the file and what is
+    wrong when one is missing, not UTF-8 / JSON, or does not read as a table (torn by a kill, a bad copy)."""
     run_dir = Path(run_dir)
-    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    file = run_dir / "manifest.json"
+    if not file.is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no manifest.json)")
+    try:
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{file}: not a readable manifest, truncated or corrupt? ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{file}: not a run manifest (a JSON {type(manifest).__name__}, expected an object)")
     check_schema(manifest, run_dir)
-    return RunTables(run_dir, manifest, pd.read_parquet(run_dir / "jobs.parquet"), read_scores(run_dir))
+    jobs_file = run_dir / "jobs.parquet"
+    if not jobs_file.is_file():
+        raise UsageError(f"{jobs_file}: missing (the run has not planned its jobs yet, or the file was removed)")
+    try:
+        jobs = pd.read_parquet(jobs_file)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise UsageError(f"{jobs_file}: not a readable table, truncated or corrupt? "
+                         f"({str(exc).splitlines()[0][:120]}); `probe run` on its suite writes it again") from None
+    return RunTables(run_dir, manifest, jobs, read_scores(run_dir))
 
 
 def check_schema(manifest: dict[str, Any], run_dir: Path) -> None:
