@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from probe.errors import UsageError
 from probe.planning.planner import count_jobs, plan_jobs, plan_sha256
@@ -118,8 +119,8 @@ def test_cuda_device_plans_fp16(write_suite):
 
 
 def test_img2img_grid_and_init_hash(write_suite, tmp_path):
-    (tmp_path / "a.png").write_bytes(b"a")
-    (tmp_path / "b.png").write_bytes(b"b")
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")  # init images are decoded at validation
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "b.png")
     path = write_suite("""
         name: i2i
         models: [tiny]
@@ -133,7 +134,7 @@ def test_img2img_grid_and_init_hash(write_suite, tmp_path):
     assert {j.mode for j in jobs} == {"img2img"}
     import hashlib
 
-    assert jobs[0].init_image_sha256 == hashlib.sha256(b"a").hexdigest()
+    assert jobs[0].init_image_sha256 == hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest()
 
 
 def test_plan_hash_changes_with_plan(write_suite):

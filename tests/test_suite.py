@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from probe.spec.loader import SuiteError, load_suite
 from tests.conftest import SUITES
@@ -115,7 +116,7 @@ def test_size_not_multiple_of_8(write_suite):
 
 
 def test_img2img_pair_below_one_step_is_named(write_suite, tmp_path):
-    (tmp_path / "init.png").write_bytes(b"not really a png, only hashed")
+    Image.new("RGB", (8, 8)).save(tmp_path / "init.png")  # init images are decoded at validation
     path = write_suite("""
         name: ok
         models: [tiny]
@@ -284,7 +285,7 @@ def test_control_characters_and_non_utf8_are_clear_errors(tmp_path):
 def test_absolute_init_image_glob(write_suite, tmp_path):
     folder = tmp_path.parent / f"{tmp_path.name}-elsewhere"  # outside the suite's folder
     folder.mkdir()
-    (folder / "a.png").write_bytes(b"a")
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
     path = write_suite(f"""
         name: ok
         models: [tiny]

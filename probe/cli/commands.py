@@ -54,15 +54,16 @@ def run(
     new: Annotated[bool, typer.Option("--new", help="Start a new run folder instead of resuming one.")] = False,
     clip_model: Annotated[str | None, typer.Option(help="CLIP for all CLIP metrics: hub id, folder or 'tiny'.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (e.g. of a report that fails).")] = False,
+    max_jobs: Annotated[int | None, typer.Option(min=1, help="Most jobs the suite may plan (default 100,000).")] = None,
 ) -> None:
     """Plan, generate what is not cached yet, score and write the report. Resumes interrupted runs."""
     from probe.cli.progress import RichProgress
     from probe.run.driver import RunOptions, run_suite
 
-    options = RunOptions(model_override=model, limit=limit, reports_root=out_dir, device=device,
-                         batch_size=batch_size, cache_dir=cache_dir, new_run=new, clip_model=clip_model, debug=debug)
+    options = RunOptions(model_override=model, limit=limit, reports_root=out_dir, device=device, batch_size=batch_size,
+                         cache_dir=cache_dir, new_run=new, clip_model=clip_model, debug=debug, max_jobs=max_jobs)
     try:
-        summary = run_suite(suite, options, RichProgress(err))
+        summary = run_suite(suite, options, RichProgress(err))  # checks the options and --max-jobs first
     except ProbeError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
@@ -155,11 +156,19 @@ def score(
         out.print(f"report: {counts['report']}", highlight=False, soft_wrap=True)
     if counts["report_error"] is not None:
         _report_failed(run_dir, counts["report_error"])
+    for failure in counts["failures"][:20]:  # a metric raised on these: no score, the run is not complete
+        err.print(f"  failed {failure['model']} {failure['probe']}: {failure['error']}", highlight=False, markup=False)
+    if len(counts["failures"]) > 20:
+        err.print(f"  ... and {len(counts['failures']) - 20} more (see manifest.json)")
+    if counts["report_error"] is not None or counts["failures"]:
         raise typer.Exit(1)
 
 
 @suites_app.command("validate")
-def validate(files: Annotated[list[Path], typer.Argument(help="Suite YAML files.")]) -> None:
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Suite YAML files.")],
+    max_jobs: Annotated[int | None, typer.Option(min=1, help="Most jobs a suite may plan (default 100,000).")] = None,
+) -> None:
     """Check suites without running anything; print the jobs per probe and model."""
     from probe.planning.planner import count_jobs, plan_jobs
     from probe.spec.loader import load_suite
@@ -167,12 +176,11 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Suite YAML files.
     failed = False
     for file in files:
         try:
-            loaded = load_suite(file)
+            counts = count_jobs(plan_jobs(load_suite(file, max_jobs=max_jobs)))
         except ProbeError as exc:
             err.print(str(exc), highlight=False, markup=False, soft_wrap=True)
             failed = True
             continue
-        counts = count_jobs(plan_jobs(loaded))
         out.print(f"{file}: ok, {sum(counts.values())} jobs", highlight=False, soft_wrap=True)
         table = Table()
         for column in ("probe", "model", "jobs"):
@@ -227,14 +235,23 @@ def pull(name: Annotated[str, typer.Argument(help="Preset name, e.g. sd-turbo.")
 def baseline_save(
     run_dir: Annotated[Path, typer.Argument(help="Run directory, e.g. reports/quality/latest.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Baseline JSON to write.")],
+    allow_incomplete: Annotated[bool, typer.Option(
+        "--allow-incomplete", help="Save a run that did not finish (refused without it); the file records its "
+        "status, so `probe check` refuses it in turn unless given --allow-incomplete too.")] = False,
 ) -> None:
     """Save a run's per-image scores, set metrics and aggregates as a baseline file."""
     from probe.gate.baseline import save_baseline
 
     try:
-        baseline = save_baseline(run_dir, output)
+        baseline = save_baseline(run_dir, output, allow_incomplete=allow_incomplete)
     except ProbeError as exc:
         raise _fail(exc) from None
+    except OSError as exc:
+        err.print(f"[bold red]error:[/] cannot write {escape(str(output))}: {escape(exc.strerror or str(exc))}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    for warning in baseline.warnings:
+        err.print(f"[bold yellow]warning:[/] {escape(warning)} (--allow-incomplete)", highlight=False, soft_wrap=True)
     out.print(f"saved {len(baseline.per_image)} per-image and {len(baseline.sets)} set scores to {output}",
               highlight=False, soft_wrap=True)
 
@@ -249,27 +266,32 @@ def check(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON verdict here.")] = None,
     allow_inconclusive: Annotated[bool, typer.Option(
         "--allow-inconclusive", help="Pass groups with nothing to judge (no values, all labels unknown, no CI).")] = False,
+    allow_incomplete: Annotated[bool, typer.Option(
+        "--allow-incomplete", help="Gate a run (or baseline) that did not finish: jobs failed or missing, scores "
+        "missing, status not 'complete'. Refused (exit 2) without it; with it, a warning on stderr.")] = False,
 ) -> None:
     """Gate CI on the suite's `checks:` and --rule: exit 0 pass, 1 regression or inconclusive, 2 misuse."""
-    from probe.api import load_run
-    from probe.gate.baseline import load_baseline
+    from probe.gate.inputs import check_inputs
     from probe.gate.output import write_json, write_junit, write_markdown
     from probe.gate.rules import evaluate
-    from probe.gate.verdict import parse_rule, rules_from_checks
-    from probe.spec.schema import Suite
 
     try:
-        run = load_run(run_dir)
-        suite = Suite.model_validate(run.manifest["suite"]) if run.manifest.get("suite", {}).get("probes") else None
-        rules = (rules_from_checks(suite.checks) if suite else []) + [parse_rule(r) for r in rule or []]
-        verdict = evaluate(run, load_baseline(baseline) if baseline else None, rules,
-                           allow_inconclusive=allow_inconclusive)
+        inputs = check_inputs(run_dir, baseline, rule, allow_incomplete=allow_incomplete)
+        verdict = evaluate(inputs.run, inputs.baseline, inputs.rules, allow_inconclusive=allow_inconclusive)
     except ProbeError as exc:
         raise _fail(exc) from None
+    verdict.warnings.extend(inputs.warnings)
+    for warning in inputs.warnings:
+        err.print(f"[bold yellow]warning:[/] {escape(warning)} (--allow-incomplete)", highlight=False, soft_wrap=True)
     _print_verdict(verdict)
     for path, write in ((junit, write_junit), (markdown, write_markdown), (json_out, write_json)):
         if path is not None:
-            write(verdict, path)
+            try:
+                write(verdict, path)
+            except OSError as exc:
+                err.print(f"[bold red]error:[/] cannot write {escape(str(path))}: {escape(exc.strerror or str(exc))}",
+                          highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
     raise typer.Exit(0 if verdict.passed else 1)
 
 

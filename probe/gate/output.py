@@ -43,6 +43,8 @@ def write_junit(verdict: Verdict, path: Path) -> None:
             failure.text = "\n".join(lines)
         else:
             ET.SubElement(case, "system-out").text = "\n".join(f"{_scope(o)}: {o.detail}" for o in outcomes)
+    if verdict.warnings:
+        ET.SubElement(suite, "system-err").text = "\n".join(f"warning: {w}" for w in verdict.warnings)
     atomic_write_bytes(path, ET.tostring(suite, encoding="utf-8", xml_declaration=True))
 
 
@@ -51,13 +53,14 @@ def markdown(verdict: Verdict) -> str:
     head = "## probe check: " + ("passed" if verdict.passed else "**regression**")
     if verdict.inconclusive:
         head += f" ({verdict.inconclusive} inconclusive{', allowed' if verdict.allow_inconclusive else ''})"
+    warnings = [f"> **warning:** {w}" for w in verdict.warnings]
     rows = ["| rule | group | result | estimate | 95% CI | threshold | n |", "|---|---|---|---|---|---|---|"]
     shown = {"pass": "pass", "fail": "**FAIL**", "inconclusive": "inconclusive"}
     for o in verdict.outcomes:
         ci = "" if o.low is None else f"[{o.low:.4g}, {o.high:.4g}]"
         estimate = "" if math.isnan(o.estimate) else f"{o.estimate:.4g}"
         rows.append(f"| {o.rule} | {_scope(o)} | {shown[o.status]} | {estimate} | {ci} | {o.threshold:g} | {o.n} |")
-    return "\n".join([head, "", *rows, ""])
+    return "\n".join([head, "", *([*warnings, ""] if warnings else []), *rows, ""])
 
 
 def write_markdown(verdict: Verdict, path: Path) -> None:

@@ -31,7 +31,7 @@ from probe.errors import UsageError, suggest
 from probe.gate.baseline import Baseline
 from probe.gate.bias_gaps import BIAS_GAPS, bias_outcomes
 from probe.gate.sets import set_outcomes
-from probe.gate.verdict import Outcome, Rule, Verdict, decide, nothing, sign_of
+from probe.gate.verdict import Outcome, Rule, Verdict, decide, nothing, rules_from_checks, sign_of
 from probe.stats.bootstrap import cluster_bootstrap
 
 SCOPE = ["probe", "model", "steps", "strength"]
@@ -52,6 +52,7 @@ def evaluate(run: RunLike, baseline: Baseline | None, rules: list[Rule], *, allo
     """Evaluate every rule; UsageError (exit 2) for misuse: unknown metric, no baseline, another suite."""
     if not rules:
         raise UsageError("no rules: add `checks:` to the suite or pass --rule")
+    rules = rules_from_checks(rules, "rules")  # a bare Check with a NaN threshold would pass every group
     if baseline is not None and baseline.suite_name != run.manifest["suite_name"]:
         raise UsageError(f"baseline is for suite {baseline.suite_name!r}, the run for {run.manifest['suite_name']!r}")
     images = per_image(run.jobs, run.scores)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 
 from probe.errors import UsageError, suggest
 from probe.spec.metric_catalog import direction_of
@@ -24,8 +24,24 @@ Mode = Literal["strict", "significant"]
 Status = Literal["pass", "fail", "inconclusive"]
 
 
-#: A gate is the suite's `Check` record (one schema for `checks:` and `--rule`).
-Rule = Check
+BOUNDS = ("min", "max", "max_drop", "max_increase")
+
+
+class Rule(Check):
+    """A gate: the suite's `Check` record (one schema for `checks:` and `--rule`) with a finite threshold.
+
+    Every comparison with NaN is false, so a NaN threshold could never fail a group, and an infinite one
+    always passes or always fails: neither gates anything. Both sources of rules (a suite's `checks:` and
+    `--rule`) become a Rule here, so neither can bring one in.
+    """
+
+    @model_validator(mode="after")
+    def _finite_threshold(self) -> Rule:
+        for kind in BOUNDS:
+            value = getattr(self, kind)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{kind} must be a finite number, not {value}")
+        return self
 
 
 @dataclass
@@ -55,6 +71,8 @@ class Verdict:
     outcomes: list[Outcome] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
     allow_inconclusive: bool = False
+    warnings: list[str] = field(default_factory=list)
+    """What the verdict was allowed to overlook, e.g. an incomplete run gated with --allow-incomplete."""
 
     def ok(self, outcome: Outcome) -> bool:
         """Whether this outcome lets the gate pass."""
@@ -70,7 +88,7 @@ class Verdict:
 
     def as_dict(self) -> dict[str, Any]:
         return {"verdict": "pass" if self.passed else "fail", "allow_inconclusive": self.allow_inconclusive,
-                "rules": [r.model_dump() | {"name": r.title} for r in self.rules],
+                "warnings": list(self.warnings), "rules": [r.model_dump() | {"name": r.title} for r in self.rules],
                 "outcomes": [asdict(o) for o in self.outcomes]}
 
 
@@ -87,20 +105,44 @@ def parse_rule(text: str) -> Rule:
         key, sep, value = part.partition("=")
         if not sep:
             raise UsageError(f"--rule {text!r}: bad part {part!r} (expected key=value)")
-        fields[key.strip()] = value.strip()
+        fields[key.strip()] = _typed(key.strip(), value.strip())
+    return _validated(fields, f"--rule {text!r}")
+
+
+def _typed(key: str, value: str) -> Any:
+    """A --rule value as the suite's YAML would give it: a number for a bound ('nan' too, which the Rule then
+    refuses by name), a whole number for steps, text otherwise (a bad one fails validation, naming the field)."""
+    if key in BOUNDS:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if key == "steps" and value.isascii() and value.isdigit():
+        return int(value)
+    return value
+
+
+def _validated(fields: Any, where: str) -> Rule:
+    """A Rule from a mapping (or a Check); a UsageError naming `where`, the field and the problem otherwise."""
     try:
-        return Rule.model_validate(fields)
+        return Rule.model_validate(fields.model_dump() if isinstance(fields, Check) else fields)
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"])
-        hint = suggest(where, Rule.model_fields) if error["type"] == "extra_forbidden" else ""
+        field_name = ".".join(str(p) for p in error["loc"])
+        hint = suggest(field_name, Rule.model_fields) if error["type"] == "extra_forbidden" else ""
         message = error["msg"].removeprefix("Value error, ")
-        raise UsageError(f"--rule {text!r}: {where + ': ' if where else ''}{message}{hint}") from None
+        raise UsageError(f"{where}: {field_name + ': ' if field_name else ''}{message}{hint}") from None
 
 
-def rules_from_checks(checks: Iterable[Check]) -> list[Rule]:
-    """The suite's `checks:` as rules."""
-    return list(checks)
+def rules_from_checks(checks: Iterable[Check | dict[str, Any]], where: str = "checks") -> list[Rule]:
+    """The suite's `checks:` (records, or their dicts as a manifest holds them) as validated rules.
+
+    Raises:
+        UsageError: a check that is no valid rule, e.g. a NaN or infinite threshold; the message names
+            `where[index]`.
+    """
+    return [check if isinstance(check, Rule) else _validated(check, f"{where}[{index}]")
+            for index, check in enumerate(checks)]
 
 
 def nothing(rule: Rule, group: dict[str, Any], why: str, estimate: float = float("nan"), n: int = 0,
@@ -115,6 +157,8 @@ def decide(rule: Rule, group: dict[str, Any], estimate: float, low: float | None
             base: float | None) -> Outcome:
     """Pass, fail or inconclusive for one group; in significant mode the whole CI must lie beyond the tolerance."""
     kind, tol = rule.bound
+    if not math.isfinite(tol):  # a Rule cannot hold one; a bare Check could
+        raise UsageError(f"rule {rule.title}: {kind} must be a finite number, not {tol}")
     if estimate is None or math.isnan(estimate):
         return nothing(rule, group, "no value to check (no scores, or every label unknown / no_person)")
     has_ci = low is not None and high is not None and not (math.isnan(low) or math.isnan(high))

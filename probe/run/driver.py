@@ -91,7 +91,8 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     the store, the run folder and the progress log.
     """
     progress = progress or NullProgress()
-    loaded = load_suite(suite_path)
+    options.check(Path(suite_path).parent)  # an --out, --cache-dir or --clip-model that would fail only later
+    loaded = load_suite(suite_path, max_jobs=options.max_jobs)
     device = resolve_device(options.device)
     jobs = plan_jobs(loaded, model_override=options.model_override, limit=options.limit, device=device)
     store = ImageStore(options.cache_dir)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from probe.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -19,3 +22,38 @@ class RunOptions:
     new_run: bool = False
     clip_model: str | None = None
     debug: bool = False
+    max_jobs: int | None = None
+    """Most jobs the suite may plan (`--max-jobs`); None keeps probe.spec.limits' default (or the `allow_jobs`
+    limit in force). The driver passes it to `load_suite`."""
+
+    def check(self, suite_dir: Path) -> None:
+        """Refuse options that would only fail after the models had loaded: an `--out` or `--cache-dir` that
+        cannot be made or written, a `--clip-model` that is not there (relative to `suite_dir` or here).
+
+        Raises:
+            UsageError: naming the option and why.
+        """
+        from probe.spec.checks import clip_model_problem
+
+        problems = [p for p in (folder_problem(self.reports_root, "--out"),
+                                folder_problem(self.cache_dir, "--cache-dir") if self.cache_dir else None) if p]
+        if self.clip_model and (problem := clip_model_problem(self.clip_model, [suite_dir])):
+            problems.append(f"--clip-model: {problem}")
+        if self.max_jobs is not None and self.max_jobs < 1:
+            problems.append(f"--max-jobs must be at least 1, not {self.max_jobs}")
+        if problems:
+            raise UsageError("; ".join(problems) + "; nothing was run")
+
+
+def folder_problem(folder: Path, flag: str) -> str | None:
+    """Why `folder` cannot be used as an output folder (None when it can): it, or the nearest part of it that
+    exists, must be a folder this process may write into (the rest is created when the run starts)."""
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing.is_file() else "is not a folder"
+        return f"{flag} {folder}: {existing} {what}" if existing != folder else f"{flag} {folder} {what}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{flag} {folder}: {existing} is not writable"
+    return None

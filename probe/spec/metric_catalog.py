@@ -9,15 +9,20 @@ A user's package adds a metric without editing probe, as lm-eval's `register_met
 do: in-process with `register_metric(info)` (or `@registered` on a class, probe.score.protocol), or across
 packages with an entry point in group `probe.metrics` naming a `MetricInfo` object. Entry points are read
 once, on the first lookup, so `import probe` stays cheap; a broken one is a ProbeError that names it.
+
+Each record also declares the `args` its constructor accepts (`params`), so `probe suites validate` refuses
+`{name: clip_score, args: {bogus: 1}}` naming the allowed ones, instead of the run failing after the models
+have loaded. A record without `params` (a third-party metric that declares none) accepts any args.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal, Union
 
 from probe.errors import ProbeError
 from probe.spec.registry import Registry
@@ -25,6 +30,10 @@ from probe.spec.registry import Registry
 Direction = Literal["higher", "lower", "none"]
 Kind = Literal["image", "set"]
 DIRECTIONS: tuple[Direction, ...] = ("higher", "lower", "none")
+ParamKind = Literal["int", "float", "bool", "str", "strs", "mapping"]
+"""What a metric argument must be: "strs" is a string or a list of them, "float" any finite number."""
+Params = Mapping[str, Union[ParamKind, "Params"]]
+"""Argument name -> kind, or the params of a nested mapping (the `faces:` settings of skin_tone)."""
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 #: The CLIP every CLIP-based metric uses unless a suite or --clip-model says otherwise (as HEIM and torchmetrics).
@@ -60,6 +69,8 @@ class MetricInfo:
     """Direction of the metric's own row; None when it writes several rows (see `outputs`)."""
     outputs: Mapping[str, MetricOutput] = field(default_factory=dict, hash=False)
     """Row name -> output; filled from `direction` for a single-output metric."""
+    params: Params | None = field(default=None, hash=False)
+    """The constructor's keyword arguments a suite may give in `args`, with their kinds; None accepts any."""
 
     def __post_init__(self) -> None:
         where = f"metric {self.name!r}"
@@ -108,30 +119,41 @@ class MetricRegistry(Registry[MetricInfo]):
         return None
 
 
+#: The settings of the face detector (probe.score.metrics.faces.FaceSettings), used by three metrics.
+FACE_PARAMS: Params = {"frontal": "strs", "profile": "strs", "scale_factor": "float", "min_neighbors": "int",
+                       "min_size": "float", "nms_iou": "float", "max_side": "int"}
+
 _BUILTIN = (
     MetricInfo("clip_score", "image", "prompt-image alignment: 100*max(cos(image, prompt), 0) on CLIP embeddings",
-               "probe.score.metrics.clip:ClipScore", "higher"),
+               "probe.score.metrics.clip:ClipScore", "higher", params={"batch_size": "int"}),
     MetricInfo("cmmd", "set", "CLIP-embedding MMD to a reference set (Jayasumana et al. 2024), small-sample friendly",
-               "probe.score.metrics.clip:Cmmd", "lower"),
+               "probe.score.metrics.clip:Cmmd", "lower",
+               params={"sigma": "float", "scale": "float", "batch_size": "int", "ci_groups": "int"}),
     MetricInfo("faces", "image", "face count and boxes (OpenCV Haar cascades: frontal alt2 + mirrored profile, NMS)",
-               "probe.score.metrics.faces:Faces", "none"),
+               "probe.score.metrics.faces:Faces", "none", params=FACE_PARAMS),
     MetricInfo("skin_tone", "image", "ITA of the largest face's skin pixels (CIELab median) and the nearest Monk Skin "
                "Tone (CIEDE2000); unknown when no face or too few skin pixels", "probe.score.metrics.skin:SkinTone",
-               "none"),
+               "none", params={"rule": "str", "core": "float", "min_skin_pixels": "int", "min_skin_fraction": "float",
+                               "faces": FACE_PARAMS}),
     MetricInfo("perceived_gender", "image", "perceived gender presentation of the largest face by CLIP zero-shot "
                "(feminine/masculine/unclear/no_person); never gender identity",
-               "probe.score.metrics.gender:PerceivedGender", "none"),
+               "probe.score.metrics.gender:PerceivedGender", "none",
+               params={"margin": "float", "logit_scale": "float", "no_face_policy": "str", "crop_margin": "float",
+                       "prompts": "mapping", "faces": FACE_PARAMS, "batch_size": "int"}),
     MetricInfo("ocr", "image", "OCR read-back of the requested text (rapidocr with its bundled PP-OCR models)",
                "probe.score.metrics.text:Ocr", outputs={
                    "ocr_exact": MetricOutput("higher", "exact match of read-back and target after normalisation"),
                    "ocr_cer": MetricOutput("lower", "character error rate: edit distance / target length (uncapped)"),
                    "ocr_f1": MetricOutput("higher", "word F1 of read-back against target (MARIO-Eval)"),
                    "ocr_detected": MetricOutput("higher", "whether any text was detected"),
-               }),
+               }, params={"engine": "str", "casefold": "bool", "nfkc": "bool", "collapse_whitespace": "bool",
+                          "drop_punctuation": "bool", "text_score": "float", "box_thresh": "float",
+                          "det_limit_side_len": "int"}),
     MetricInfo("fid", "set", "Frechet distance to a reference set on Inception (clean-fid preprocessing) or CLIP "
-               "features", "probe.score.metrics.fid:Fid", "lower"),
+               "features", "probe.score.metrics.fid:Fid", "lower", params={"features": "str", "ci_groups": "int"}),
     MetricInfo("kid", "set", "Kernel (unbiased polynomial MMD^2) distance to a reference set; subset size adapts to "
-               "small sets", "probe.score.metrics.fid:Kid", "lower"),
+               "small sets", "probe.score.metrics.fid:Kid", "lower",
+               params={"features": "str", "subset_size": "int", "n_subsets": "int", "seed": "int", "ci_groups": "int"}),
 )
 
 #: Every metric a suite may list: the built-ins above, then in-process registrations and entry points.
@@ -166,3 +188,48 @@ def description_of(metric: str) -> str:
 def check_names() -> list[str]:
     """Names a `probe check` rule may gate on: every score row a metric writes, and the bias gaps."""
     return [*(row for info in METRICS.values() for row in info.outputs), *CHECK_ONLY_METRICS]
+
+
+def arg_problems(
+    params: Params | None, args: Mapping[str, Any], prefix: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], str]]:
+    """(argument path, message) for each arg `params` does not accept or whose value is of the wrong kind.
+
+    Only names and kinds: ranges and choices (kid's subset_size >= 2, skin_tone's rule) stay with the
+    implementation, which checks them when the run builds its metrics, before any image is made.
+    """
+    if params is None:
+        return []
+    found: list[tuple[tuple[str, ...], str]] = []
+    allowed = ", ".join(sorted(params)) or "none"
+    for name, value in args.items():
+        where = (*prefix, str(name))
+        kind = params.get(str(name))
+        if kind is None:
+            found.append((where, f"unknown argument {name!r}; the arguments are: {allowed}"))
+        elif not isinstance(kind, str):
+            if isinstance(value, Mapping):
+                found += arg_problems(kind, value, where)
+            else:
+                found.append((where, f"{name!r} takes a mapping of settings ({', '.join(sorted(kind))})"))
+        elif not _is_kind(value, kind):
+            found.append((where, f"{name!r} takes {_KIND_WORDS[kind]}, not {value!r:.60}"))
+    return found
+
+
+_KIND_WORDS: dict[str, str] = {"int": "an integer", "float": "a finite number", "bool": "true or false",
+                               "str": "a string", "strs": "a string or a list of strings", "mapping": "a mapping"}
+
+
+def _is_kind(value: object, kind: str) -> bool:
+    if kind == "int":
+        return type(value) is int
+    if kind == "float":
+        return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+    if kind == "bool":
+        return type(value) is bool
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "strs":
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    return isinstance(value, Mapping)

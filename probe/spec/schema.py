@@ -2,16 +2,81 @@
 
 Shorthands (a model given as a preset name, a prompt given as a string, `seeds: 16`, `size: 512`)
 are normalised before validation so each field has one shape and errors have one path.
+
+Numbers are strict: YAML's `true` is not the integer 1, "4" is not 4, and `.inf` / `.nan` are not
+guidance values; every count, size, seed and text is bounded (probe.spec.limits), so nothing a suite says
+can overflow a column, a file name or memory later.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-Scalar = str | int | float | bool | None
+from probe.spec.limits import MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, max_jobs, shown
+
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+"""A finite number; integers are accepted (`guidance: 7`), bools, strings, inf and nan are not."""
+Steps = Annotated[StrictInt, Field(ge=1, le=MAX_STEPS)]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+Scalar = str | StrictBool | StrictInt | Float | None
 ProbeKind = Literal["quality", "demographic", "text", "img2img"]
+
+
+def _text(value: str) -> str:
+    """Prompts, templates, variable values and target texts: not blank (an empty prompt is a mistake, not a
+    probe of the unconditional model) and at most MAX_PROMPT_CHARS."""
+    if not value.strip():
+        raise ValueError("is empty or only whitespace")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"is {shown(len(value))} characters long; the limit is {shown(MAX_PROMPT_CHARS)}")
+    return value
+
+
+def _label(value: str) -> str:
+    """A model label: free text (spaces allowed) that still fits a file name, since results and exports may
+    be written per model."""
+    if not value.strip() or value != value.strip() or value in (".", ".."):
+        raise ValueError(f"{value!r} is not a usable name (blank, '.', '..' or with spaces around it)")
+    if len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"is {len(value)} characters long; a name may have at most {MAX_NAME_CHARS}")
+    bad = next((c for c in value if c in "/\\" or ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"{value!r} contains {bad!r}; a name must fit a file name (no path separators or "
+                         "control characters)")
+    return value
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _name(value: str) -> str:
+    """Suite and probe names become folder names (reports/<suite>/...): a portable file-name subset."""
+    if len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"is {len(value)} characters long; a name may have at most {MAX_NAME_CHARS}")
+    if not _NAME.fullmatch(value):
+        raise ValueError(f"{value!r:.60} is not a usable name: start with a letter or digit, then only letters, digits, "
+                         "'_', '.' and '-' (it names a folder)")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+Name = Annotated[str, AfterValidator(_name)]
+Label = Annotated[str, AfterValidator(_label)]
 
 
 class StrictModel(BaseModel):
@@ -24,10 +89,13 @@ def _size_pair(value: Any) -> Any:
     """`512` -> [512, 512]; sizes must be positive multiples of 8 (the VAE downsamples by 8)."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value, value]
-    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+    if isinstance(value, list | tuple) and len(value) == 2 and all(type(v) is int for v in value):
         bad = [v for v in value if v <= 0 or v % 8]
         if bad:
             raise ValueError(f"size {bad[0]} is not a positive multiple of 8 (width and height must be)")
+        if max(value) > MAX_SIDE:
+            raise ValueError(f"size {max(value)} is larger than {MAX_SIDE} pixels")
+        return tuple(value)
     return value
 
 
@@ -35,16 +103,21 @@ class ModelEntry(StrictModel):
     """One model in the comparison: a preset, optionally with its own settings and weights."""
 
     preset: str
-    name: str | None = Field(default=None, description="Label in results; defaults to the preset name.")
+    name: Label | None = Field(default=None, description="Label in results; defaults to the preset name.")
     model_id: str | None = Field(default=None, description="Hub id or local folder replacing the preset's.")
     revision: str | None = None
     lora_id: str | None = None
     lora_revision: str | None = None
-    steps: list[int] | None = Field(default=None, min_length=1)
-    guidance: float | None = Field(default=None, ge=0)
-    size: tuple[int, int] | None = None
+    steps: list[Steps] | None = Field(default=None, min_length=1)
+    guidance: Float | None = Field(default=None, ge=0)
+    size: tuple[StrictInt, StrictInt] | None = None
 
     _size = field_validator("size", mode="before")(_size_pair)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: list[int] | None) -> list[int] | None:
+        return _positive_unique(value, "steps")
 
     @property
     def label(self) -> str:
@@ -55,8 +128,8 @@ class ModelEntry(StrictModel):
 class PromptEntry(StrictModel):
     """A literal prompt with optional per-prompt fields."""
 
-    prompt: str = Field(min_length=1)
-    text: str | None = Field(default=None, description="Target text the image should render.")
+    prompt: Text
+    text: Text | None = Field(default=None, description="Target text the image should render.")
     attrs: dict[str, Scalar] = Field(default_factory=dict)
 
 
@@ -80,7 +153,7 @@ class PromptFile(StrictModel):
 class VarValue(StrictModel):
     """One value of a template variable, with attributes (e.g. a reference share) carried to results."""
 
-    value: str = Field(min_length=1)
+    value: Text
     attrs: dict[str, Scalar] = Field(default_factory=dict)
 
 
@@ -110,7 +183,7 @@ class MetricReference(StrictModel):
     """What a set metric (fid, kid, cmmd) compares each group of images with."""
 
     model: str | None = Field(default=None, description="Another model's images in the same probe.")
-    steps: int | None = Field(default=None, description="Only that model's images at these steps.")
+    steps: Steps | None = Field(default=None, description="Only that model's images at these steps.")
     folder: str | None = Field(default=None, description="A folder of real images (relative to the suite).")
 
     @model_validator(mode="after")
@@ -140,18 +213,18 @@ def _to_metric_specs(value: Any) -> Any:
 class Probe(StrictModel):
     """A set of prompts and a generation grid, with the metrics that score its images."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name
     kind: ProbeKind = "quality"
     description: str = ""
-    template: str | None = Field(default=None, min_length=1)
+    template: Text | None = None
     vars: dict[str, list[VarValue] | VarFile] = Field(default_factory=dict)
     prompts: list[PromptEntry] | PromptFile | None = None
     attrs: dict[str, Scalar] = Field(default_factory=dict)
-    steps: list[int] | None = Field(default=None, min_length=1)
-    guidance: float | None = Field(default=None, ge=0)
-    strength: list[float] | None = Field(default=None, min_length=1)
+    steps: list[Steps] | None = Field(default=None, min_length=1)
+    guidance: Float | None = Field(default=None, ge=0)
+    strength: list[Float] | None = Field(default=None, min_length=1)
     init_images: list[str] | None = Field(default=None, min_length=1)
-    seeds: list[int] | None = Field(default=None, min_length=1)
+    seeds: list[Seed] | None = Field(default=None, min_length=1)
     metrics: list[MetricSpec] = Field(default_factory=list)
 
     _metrics = field_validator("metrics", mode="before")(_to_metric_specs)
@@ -172,8 +245,8 @@ class Probe(StrictModel):
 
     @field_validator("seeds", mode="before")
     @classmethod
-    def _seeds(cls, value: Any) -> Any:
-        return _seed_list(value)
+    def _seeds(cls, value: Any, info: ValidationInfo) -> Any:
+        return _seed_list(value, info)
 
     @field_validator("steps")
     @classmethod
@@ -203,11 +276,11 @@ class Check(StrictModel):
     metric: str
     probe: str | None = None
     model: str | None = None
-    steps: int | None = None
-    min: float | None = None
-    max: float | None = None
-    max_drop: float | None = None
-    max_increase: float | None = None
+    steps: Steps | None = None
+    min: Float | None = None
+    max: Float | None = None
+    max_drop: Float | None = None
+    max_increase: Float | None = None
     mode: Literal["strict", "significant"] = "significant"
 
     @model_validator(mode="after")
@@ -231,11 +304,19 @@ class Check(StrictModel):
         return f"{self.metric}[{scope or 'all'}] {kind} {value:g} ({self.mode})"
 
 
-def _seed_list(value: Any) -> Any:
-    """`16` -> [0..15]; seeds must be distinct non-negative integers."""
+def _seed_list(value: Any, info: ValidationInfo) -> Any:
+    """`16` -> [0..15]; seeds must be distinct non-negative integers.
+
+    A count is checked against the job limit before the list is built: every seed is at least one job, so
+    `seeds: 1000000000` is refused here instead of filling memory with a billion integers.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 1:
             raise ValueError("seeds must be a positive count or a list of seeds")
+        limit = (info.context or {}).get("max_jobs") or max_jobs()
+        if value > limit:
+            raise ValueError(f"{shown(value)} seeds plan at least {shown(value)} jobs; the limit is {shown(limit)}: "
+                             "raise it with --max-jobs")
         return list(range(value))
     if isinstance(value, list) and all(isinstance(v, int) for v in value):
         if any(v < 0 for v in value) or len(set(value)) != len(value):
@@ -252,11 +333,11 @@ def _positive_unique(value: list[int] | None, what: str) -> list[int] | None:
 class Suite(StrictModel):
     """A declarative evaluation: models x probes x grid. The first model is the subject."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name
     description: str = ""
     models: list[ModelEntry] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
-    size: tuple[int, int] | None = None
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
+    size: tuple[StrictInt, StrictInt] | None = None
     clip_model: str | None = Field(
         default=None, description="CLIP for every CLIP-based metric: hub id, local folder, or 'tiny'."
     )
@@ -274,8 +355,8 @@ class Suite(StrictModel):
 
     @field_validator("seeds", mode="before")
     @classmethod
-    def _seeds(cls, value: Any) -> Any:
-        return _seed_list(value)
+    def _seeds(cls, value: Any, info: ValidationInfo) -> Any:
+        return _seed_list(value, info)
 
 
 ALL_FIELD_NAMES: frozenset[str] = frozenset(

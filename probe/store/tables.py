@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from probe.errors import UsageError
 from probe.store.atomic import write_parquet_atomic
+from probe.store.reading import read_json, read_table
 
 if TYPE_CHECKING:
     from probe.store.score_cache import ScoreCache
@@ -204,28 +205,21 @@ class RunTables:
     scores: pd.DataFrame
 
 
-def load_run_tables(run_dir: Path) -> RunTables:
+def load_run_tables(run_dir: Path, what: str = "") -> RunTables:
     """Read manifest.json, jobs.parquet and scores.parquet (upgraded); a UsageError naming the file and what is
-    wrong when one is missing, not UTF-8 / JSON, or does not read as a table (torn by a kill, a bad copy)."""
+    wrong when one is missing, not UTF-8 / JSON, or does not read as a table (torn by a kill, a bad copy).
+    `what` names the role in messages ('run', '--baseline')."""
     run_dir = Path(run_dir)
     file = run_dir / "manifest.json"
     if not file.is_file():
-        raise UsageError(f"{run_dir} is not a run directory (no manifest.json)")
-    try:
-        manifest = json.loads(file.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{file}: not a readable manifest, truncated or corrupt? ({exc})") from None
+        raise UsageError(f"{what + ' ' if what else ''}{run_dir} is not a run directory (no manifest.json)")
+    manifest = read_json(file, what)
     if not isinstance(manifest, dict):
-        raise UsageError(f"{file}: not a run manifest (a JSON {type(manifest).__name__}, expected an object)")
+        raise UsageError(f"{what + ' ' if what else ''}{file}: not a run manifest (a JSON "
+                         f"{type(manifest).__name__}, expected an object)")
     check_schema(manifest, run_dir)
-    jobs_file = run_dir / "jobs.parquet"
-    if not jobs_file.is_file():
-        raise UsageError(f"{jobs_file}: missing (the run has not planned its jobs yet, or the file was removed)")
-    try:
-        jobs = pd.read_parquet(jobs_file)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise UsageError(f"{jobs_file}: not a readable table, truncated or corrupt? "
-                         f"({str(exc).splitlines()[0][:120]}); `probe run` on its suite writes it again") from None
+    still_running = " (the run has not finished: status 'running')" if manifest.get("status") == "running" else ""
+    jobs = read_table(run_dir / "jobs.parquet", what, pd.read_parquet, still_running)
     return RunTables(run_dir, manifest, jobs, read_scores(run_dir))
 
 
