@@ -10,7 +10,6 @@ Reads files only; nothing here imports torch.
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from probe.analyse.aggregate import GRID, aggregate, paired_deltas, per_image, w
 from probe.analyse.pairing import pair
 from probe.errors import UsageError
 from probe.stats.bootstrap import cluster_bootstrap
+from probe.store.tables import read_derived
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -39,12 +39,19 @@ class Run:
     @cached_property
     def manifest(self) -> dict[str, Any]:
         """manifest.json: resolved suite, presets, packages, device, counts, metric configurations."""
-        return json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
+        from probe.store.reading import read_json
+
+        manifest = read_json(self.path / "manifest.json", "run")  # a torn or non-JSON file: one clear error
+        if not isinstance(manifest, dict):
+            raise UsageError(f"run {self.path / 'manifest.json'}: not a run manifest (a JSON {type(manifest).__name__})")
+        return manifest
 
     @cached_property
     def jobs(self) -> pd.DataFrame:
         """jobs.parquet: one row per planned job (key, probe, model, prompt, var_*, attr_*, seed, steps, ...)."""
-        return pd.read_parquet(self.path / "jobs.parquet")
+        from probe.store.reading import read_table
+
+        return read_table(self.path / "jobs.parquet", "run")
 
     @cached_property
     def scores(self) -> pd.DataFrame:
@@ -80,8 +87,8 @@ class Run:
         report shows. `by` groups per-image metrics by any job columns instead, e.g. ["model", "var_occupation"].
         """
         if by is None:
-            stored = self.path / "aggregates.parquet"
-            return with_series(pd.read_parquet(stored)) if stored.is_file() else aggregate(self.jobs, self.scores)
+            stored = read_derived(self.path / "aggregates.parquet")  # None when missing or torn: recomputed
+            return with_series(stored) if stored is not None else aggregate(self.jobs, self.scores)
         frame = per_image(self.jobs, self.scores)
         frame = frame[frame["value"].notna()]
         rows = []
@@ -94,8 +101,8 @@ class Run:
 
     def deltas(self) -> pd.DataFrame:
         """The subject minus each baseline, paired by `probe.analyse.pairing.ITEM`, with CIs."""
-        stored = self.path / "deltas.parquet"
-        return with_series(pd.read_parquet(stored)) if stored.is_file() else paired_deltas(self.jobs, self.scores,
+        stored = read_derived(self.path / "deltas.parquet")
+        return with_series(stored) if stored is not None else paired_deltas(self.jobs, self.scores,
                                                                                           self.subject)
 
     def image_path(self, key: str) -> Path:
