@@ -22,16 +22,17 @@ from typing import Any, Protocol
 from filelock import FileLock
 
 from probe.errors import ProbeError, UsageError
-from probe.generate.executors import Executor, JobOutcome, LocalExecutor, plan_batches
+from probe.generate.executors import Executor, LocalExecutor
 from probe.planning.job import Job
 from probe.planning.planner import plan_jobs, plan_sha256
 from probe.run.folder import RunDir
 from probe.run.manifest import build_manifest, finish_manifest
 from probe.run.options import RunOptions
 from probe.run.records import JobResult, RunCounts, RunManifest
+from probe.run.writer import generate_all, pending_jobs
 from probe.spec.loader import LoadedSuite, load_suite
 from probe.spec.metric_catalog import DEFAULT_CLIP_MODEL
-from probe.store.images import ImageStore, link_or_copy, verify_png
+from probe.store.images import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,10 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
         run, resumed, manifest = _open_run(suite_root, plan_hash, options.new_run, manifest, held)
         started = time.time()
         results = run.read_results()
-        todo = _pending(jobs, results, store, run)
+        todo = pending_jobs(jobs, results, store, run)
         progress.start(len(todo))
         try:
-            _generate_all(todo, loaded, store, run, executor, options.batch_size, progress)
+            generate_all(todo, _init_images(loaded, todo), store, run, executor, options.batch_size, progress)
         finally:
             progress.finish()
         results = run.read_results()
@@ -206,7 +207,7 @@ def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring,
     from probe.score.scorer import score_run
     from probe.store.atomic import write_parquet_atomic
     from probe.store.score_cache import ScoreCache
-    from probe.store.tables import ScoresTable, read_scores
+    from probe.store.tables import ScoresTable, compact_scores
 
     frame = pd.read_parquet(run_dir / "jobs.parquet")
     configs: dict[str, dict[str, object]] = {}
@@ -219,62 +220,11 @@ def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring,
             configs, failures = counts.configs, counts.failures
         finally:
             progress.finish()
-    scores = read_scores(run_dir)
+    scores = compact_scores(run_dir)  # the pass's part files folded into scores.parquet, once
     write_parquet_atomic(aggregate(frame, scores), run_dir / "aggregates.parquet")
     subject = loaded.suite.models[0].label
     write_parquet_atomic(paired_deltas(frame, scores, subject), run_dir / "deltas.parquet")
     return configs, failures
-
-
-def _pending(jobs: Sequence[Job], results: dict[str, JobResult], store: ImageStore, run: RunDir) -> list[Job]:
-    """One job per key still to generate; keys already in the store are linked and logged as cached.
-
-    What is reused is checked first (`verify_png`: whole, CRCs right, its own key): a bad image in the run
-    folder or the store is moved aside, its scores and features are forgotten, and it is generated again.
-    """
-    todo: dict[str, Job] = {}
-    cached: list[JobResult] = []
-    bad: set[str] = set()
-    for job in jobs:
-        key = job.key
-        if key in todo or key in bad:
-            if key in bad:
-                todo[key] = job
-            continue
-        here = run.image_path(key)
-        if key in results and results[key].status != "failed" and here.is_file():
-            if verify_png(here, key) is None:
-                continue
-            here.unlink()  # a hard link to the store's file, or a copy: either way not to be trusted
-        if store.has(key):
-            problem = store.verify(key)
-            if problem is None:
-                link_or_copy(store.path(key), here)
-                if key not in results or results[key].status == "failed":
-                    cached.append(JobResult(key=key, status="cached"))
-                    results[key] = cached[-1]
-                continue
-            store.quarantine(key, problem)
-            bad.add(key)
-        elif key in results and results[key].status != "failed":
-            bad.add(key)  # logged as made, but its image is gone or bad: its scores must not be reused either
-        todo[key] = job
-    run.append_results(cached)
-    if bad:
-        _forget(bad, {job.probe for job in jobs if job.key in bad}, store, run)
-    return list(todo.values())
-
-
-def _forget(keys: set[str], probes: set[str], store: ImageStore, run: RunDir) -> None:
-    """Scores and features of images found bad: in the run's scores.parquet and the cross-run caches."""
-    from probe.store.features import FeatureCache
-    from probe.store.score_cache import ScoreCache
-    from probe.store.tables import ScoresTable
-
-    FeatureCache(store.root).forget(keys)
-    ScoreCache(store.root).forget_keys(keys)
-    ScoresTable(run.path).forget(keys, probes)
-    log.warning("%d image(s) were bad and are generated again; their scores and features are recomputed", len(keys))
 
 
 def _preflight(todo: Sequence[Job], prepare: Callable[[], Scoring]) -> Scoring:
@@ -310,62 +260,6 @@ def choose_executor(options: RunOptions, device: str) -> Executor:
     (a cluster out of reach) fails like missing weights do, with nothing made.
     """
     return LocalExecutor(device)  # `options` has no executor choice yet
-
-
-def _generate_all(todo: Sequence[Job], loaded: LoadedSuite, store: ImageStore, run: RunDir, executor: Executor,
-                  batch_size: int, progress: Progress) -> None:
-    """Hand the executor every batch; store, link and log each batch's outcomes as they come (single writer)."""
-    pending = {job.key for job in todo}
-    outcomes = executor.run(plan_batches(todo, batch_size), _init_images(loaded, todo), progress)
-    try:
-        for batch in outcomes:
-            run.append_results(_store_batch(batch, pending, store, run))  # logged only once its PNGs are durable
-            progress.advance(len(batch))
-    finally:
-        close = getattr(outcomes, "close", None)  # stop a generator-based executor (and its workers) now
-        if close is not None:
-            close()
-    if pending:  # an executor that skipped jobs: say so now, not as an unexplained "not generated" later
-        log.warning("the executor returned no outcome for %d job(s); they are recorded as failed", len(pending))
-        run.append_results([JobResult(key=key, status="failed", error="executor returned no outcome")
-                            for key in sorted(pending)])
-
-
-def _store_batch(outcomes: Sequence[JobOutcome], pending: set[str], store: ImageStore,
-                 run: RunDir) -> list[JobResult]:
-    """Write a batch's PNG bytes into the store (atomic, fsynced), link them into the run folder; its results.
-
-    Every key is checked first: only a key the driver asked for, once, so an executor that repeats or invents
-    a key cannot double or mislabel an image. The bytes are stored as they came (the executor encoded them).
-    """
-    keys = [outcome.key for outcome in outcomes]
-    unexpected = [key for key in keys if key not in pending]
-    if unexpected or len(set(keys)) != len(keys):
-        raise RuntimeError(f"executor returned {len(keys)} outcomes with keys not asked for or repeated: "
-                           f"{[key[:12] for key in unexpected] or 'a repeated key'}")
-    pending.difference_update(keys)
-    results = []
-    for outcome in outcomes:
-        if outcome.png is None:
-            results.append(JobResult(key=outcome.key, status="failed", error=outcome.error))
-            continue
-        try:
-            stored = store.put_bytes(outcome.key, outcome.png)
-        except ValueError as exc:  # bytes that are not a PNG: that job fails, the batch's others are kept
-            results.append(JobResult(key=outcome.key, status="failed", error=f"ValueError: {exc}"))
-            continue
-        except OSError as exc:  # disk full, read-only cache: stop cleanly; what is logged so far is kept
-            run.append_results(results)
-            raise ProbeError(f"cannot write {outcome.key[:12]} into the image cache ({exc}); fix that and run the "
-                             "same command again to resume") from exc
-        try:
-            link_or_copy(stored, run.image_path(outcome.key))
-        except OSError as exc:
-            run.append_results(results)
-            raise ProbeError(f"cannot write into the run folder {run.path} ({exc}); fix that and run the same "
-                             "command again to resume") from exc
-        results.append(JobResult(key=outcome.key, status="generated", seconds=outcome.seconds))
-    return results
 
 
 def _init_images(loaded: LoadedSuite, jobs: Sequence[Job]) -> dict[str, bytes]:

@@ -320,7 +320,7 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     from probe.score.scorer import prepare_metrics, score_run
     from probe.store.features import FeatureCache
     from probe.store.score_cache import ScoreCache
-    from probe.store.tables import ScoresTable, read_scores
+    from probe.store.tables import ScoresTable, compact_scores
 
     rows, specs = check_request(request)
     ctx = ScoringContext(features=FeatureCache(request.cache_dir), device=request.device,
@@ -344,7 +344,7 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     ctx.run_dir = run.path
     per_probe = [replace(p, probe=probe) for probe in jobs["probe"].unique() for p in prepared]
     counts = score_run(run.path, jobs, per_probe, ctx, progress, sink=ScoresTable(run.path, ScoreCache(ctx.features.root.parent)))
-    scores = read_scores(run.path)
+    scores = compact_scores(run.path)  # the parts of this pass, folded into scores.parquet
     write_parquet_atomic(aggregate(jobs, scores), run.path / "aggregates.parquet")
     models = list(dict.fromkeys(jobs["model"]))
     write_parquet_atomic(paired_deltas(jobs, scores, models[0]), run.path / "deltas.parquet")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from probe.errors import UsageError
-from probe.store.atomic import write_parquet_atomic
 from probe.store.reading import read_json, read_table
+from probe.store.score_parts import Stored, origins, part_path, read_stored, remove_folded, write_compacted, write_part
 
 if TYPE_CHECKING:
     from probe.store.score_cache import ScoreCache
@@ -51,7 +48,6 @@ def score_ids(frame: pd.DataFrame) -> pd.Series:
                                                                                   strict=True)], index=frame.index)
 
 
-SCORES = "scores.parquet"
 #: Fixed columns of scores.parquet; a set row's group adds one `var_<name>` column per group_by variable.
 SCORE_COLUMNS = ["metric", "args", "series", "config_id", "score_id", "key", "value", "low", "high", "se", "df",
                  "label", "text", "probe", "model", "steps", "strength", "reference", "set_hash", "n", "n_reference",
@@ -59,24 +55,67 @@ SCORE_COLUMNS = ["metric", "args", "series", "config_id", "score_id", "key", "va
 
 
 def read_scores(run_dir: Path, *, repair: bool = False) -> pd.DataFrame:
-    """scores.parquet, upgraded on read from older schemas (a label in `metric`; JSON `group` and `extra`).
+    """Every score row of a run folder: scores.parquet and the parts written since (a run killed mid-scoring,
+    or one being scored now), upgraded on read from older schemas (a label in `metric`; JSON `group`, `extra`).
 
     A file that is not readable parquet is an error naming it; with `repair` (the run driver, which can
-    score again) it is moved aside as `scores.parquet.corrupt-<time>` and an empty table returned instead.
+    score again) it is moved aside as `<name>.corrupt-<time>` and its rows are taken as missing.
     """
-    path = run_dir / SCORES
-    if not path.is_file():
-        return pd.DataFrame(columns=SCORE_COLUMNS)
+    return _merged(read_stored(Path(run_dir), repair=repair))[0]
+
+
+def compact_scores(run_dir: Path, *, repair: bool = False) -> pd.DataFrame:
+    """Fold the parts into scores.parquet (one atomic write; the parts are removed after it) and return every
+    row: the end of a scoring pass, so a finished run folder holds one table. Without parts it only reads.
+
+    For when the pass's `ScoresTable` is done: a table that goes on writing would name rows by their old
+    places in later drops (its own `compact` reads the new places back)."""
+    return _compacted(Path(run_dir), repair)[0]
+
+
+def _compacted(run_dir: Path, repair: bool) -> tuple[pd.DataFrame, np.ndarray, int]:
+    stored = read_stored(run_dir, repair=repair)
+    frame, origin = _merged(stored)
+    if stored.parts:
+        write_compacted(run_dir, scores_to_arrow(frame), stored.last)
+        origin = origins(0, len(frame))
+    else:
+        remove_folded(run_dir, stored.last)  # parts a compaction killed before removing them: all folded in
+    return frame, origin, stored.last
+
+
+def _merged(stored: Stored) -> tuple[pd.DataFrame, np.ndarray]:
+    """scores.parquet's rows then each part's, less the rows a part drops; with each row's origin (which a
+    later part names to drop it). Concatenated as Arrow, so n rows in k parts convert to pandas once."""
+    sources = ([stored.base] if stored.base is not None else []) + stored.parts
+    if not sources:
+        return pd.DataFrame(columns=SCORE_COLUMNS), np.empty(0, np.int64)
+    if len(sources) == 1:
+        return _frame_of(sources[0].table), origins(sources[0].seq, sources[0].table.num_rows)
+    tables = [(_current(p.table) if p.seq == 0 else p.table).replace_schema_metadata(None) for p in sources]
+    origin = np.concatenate([origins(p.seq, t.num_rows) for p, t in zip(sources, tables, strict=True)])
+    dropped = np.concatenate([p.drops for p in sources])
     try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        if not repair:
-            raise UsageError(f"{path} is not a readable table ({exc}); `probe run` on its suite scores it again") from None
-        aside = path.with_name(f"{SCORES}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(path, aside)
-        log.warning("%s was unreadable (%s): moved to %s; its scores are taken from the cache or computed again",
-                    path, exc, aside.name)
-        return pd.DataFrame(columns=SCORE_COLUMNS)
+        table = pa.concat_tables(tables, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):  # a detail key's type differs
+        table = scores_to_arrow(pd.concat([_frame_of(t) for t in tables if t.num_rows], ignore_index=True))
+    if len(dropped):
+        keep = ~np.isin(origin, dropped)
+        table, origin = table.filter(pa.array(keep)), origin[keep]
+    return _frame_of(table), origin
+
+
+def _current(table: pa.Table) -> pa.Table:
+    """A scores.parquet of an older schema as schema 3, so it concatenates with the parts written since."""
+    extra = table.schema.field("extra").type if "extra" in table.column_names else pa.null()
+    if "series" in table.column_names and "group" not in table.column_names and (
+            pa.types.is_struct(extra) or pa.types.is_null(extra)):
+        return table
+    return scores_to_arrow(_frame_of(table))
+
+
+def _frame_of(table: pa.Table) -> pd.DataFrame:
+    """One table's rows as scores.parquet's frame, upgraded from older schemas."""
     frame = table.drop_columns([c for c in ("extra",) if c in table.column_names]).to_pandas()
     # extra through Arrow's own Python conversion: ints stay ints and lists stay lists (pandas would give
     # floats and numpy arrays)
@@ -245,26 +284,41 @@ def run_models(manifest: dict[str, Any], jobs: pd.DataFrame) -> list[str]:
 
 
 class ScoresTable:
-    """A run folder's scores.parquet as the driver writes it: new rows are added and the whole table is
-    rewritten atomically after each chunk, so nothing scored is lost and no reader sees half a file.
+    """A run folder's scores as the driver writes them: each write is one new durable part
+    (probe.store.score_parts), so nothing scored is lost, no reader sees half a file, and a write costs what
+    it adds, not the size of the table; `compact` folds the parts into scores.parquet when the pass ends.
 
-    With a `ScoreCache`, per-image rows are also kept across runs: `reuse` copies rows another run computed
-    under the same configuration, and `add` records new ones, so the scoring pass never touches a file.
+    `frame` (what the scorer checks for done work) is concatenated only when read after new rows came, so a
+    chunk's bookkeeping stays flat as the table grows. With a `ScoreCache`, per-image rows are also kept
+    across runs: `reuse` copies rows another run computed under the same configuration, and `add` records
+    new ones, so the scoring pass never touches a file.
     """
 
     def __init__(self, run_dir: Path, cache: ScoreCache | None = None) -> None:
         self.run_dir = run_dir
         self.cache = cache
-        self.frame = read_scores(run_dir, repair=True)
+        stored = read_stored(Path(run_dir), repair=True)
+        self._frame, self._origin = _merged(stored)
+        self._next = stored.last + 1
+        self._new: list[tuple[pd.DataFrame, np.ndarray]] = []  # written, not yet concatenated into _frame
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """Every row written so far (read from the folder, then added), one frame indexed 0..n-1."""
+        if self._new:
+            frames = [f for f in (self._frame, *(f for f, _ in self._new)) if not f.empty]
+            if frames:
+                self._frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+            self._origin = np.concatenate([self._origin, *(o for _, o in self._new)])
+            self._new = []
+        return self._frame
 
     def forget(self, keys: set[str], probes: set[str]) -> None:
         """Drop the rows of these image keys and the set rows of the probes they belong to (their image was bad)."""
         frame = self.frame
         stale = frame["key"].isin(keys) | (frame["key"].isna() & frame["probe"].isin(probes))
-        if not stale.any():
-            return
-        self.frame = frame[~stale].reset_index(drop=True)
-        write_parquet_atomic(scores_to_arrow(self.frame), self.run_dir / SCORES)
+        if stale.any():
+            self._write([], stale)
 
     def reuse(self, config_id: str, wanted: list[str], outputs: frozenset[str] = frozenset()) -> set[str]:
         """Add the cached rows of these score ids under one configuration; returns the ids that were cached.
@@ -276,22 +330,45 @@ class ScoresTable:
             return set()
         cached = self.cache.rows(config_id)
         found = [sid for sid in wanted if sid in cached and outputs <= {r["metric"] for r in cached[sid]}]
-        self._write([row for sid in found for row in cached[sid]])
+        rows = [row for sid in found for row in cached[sid]]
+        if rows:
+            self._write(rows)
         return set(found)
 
     def add(self, rows: list[dict[str, Any]], replace: pd.Series | None = None) -> None:
-        """Append rows; `replace` (a mask over the current frame) drops stale rows in the same atomic write."""
+        """Append rows; `replace` (a mask over `frame`) drops stale rows in the same atomic write."""
+        if not rows:
+            return
         self._write(rows, replace)
         if self.cache is not None:
             for cid in dict.fromkeys(r["config_id"] for r in rows if r.get("key") is not None):
                 self.cache.add(cid, [r for r in rows if r["config_id"] == cid and r.get("key") is not None])
 
+    def compact(self) -> pd.DataFrame:
+        """Fold the parts into scores.parquet (see `compact_scores`) and return every row; writes may go on."""
+        self._frame, self._origin, last = _compacted(Path(self.run_dir), False)
+        self._new, self._next = [], max(self._next, last + 1)
+        return self._frame
+
     def _write(self, rows: list[dict[str, Any]], replace: pd.Series | None = None) -> None:
-        if not rows:
-            return
+        """One part: the new rows and the origins of the rows `replace` drops; memory follows the disk."""
         groups = sorted({k for r in rows for k in r if k.startswith("var_")})
         new = pd.DataFrame(rows, columns=[*SCORE_COLUMNS, *groups])
         new["extra"] = [detail_of(v) for v in new["extra"]]  # cached rows of older probes hold JSON text
-        kept = self.frame if replace is None else self.frame[~replace]
-        self.frame = new if kept.empty else pd.concat([kept, new], ignore_index=True)
-        write_parquet_atomic(scores_to_arrow(self.frame), self.run_dir / SCORES)
+        drops = np.empty(0, np.int64)
+        keep: np.ndarray | None = None
+        if replace is not None and replace.any():
+            frame = self.frame
+            keep = ~replace.reindex(frame.index, fill_value=False).to_numpy(dtype=bool)
+            drops = self._origin[~keep]
+        if not rows and not len(drops):
+            return
+        seq = self._next
+        while part_path(Path(self.run_dir), seq).exists():  # another table wrote here since: never overwrite it
+            seq += 1
+        write_part(Path(self.run_dir), seq, scores_to_arrow(new), drops)
+        self._next = seq + 1
+        if keep is not None:
+            self._frame, self._origin = self._frame[keep].reset_index(drop=True), self._origin[keep]
+        if rows:
+            self._new.append((new, origins(seq, len(new))))
