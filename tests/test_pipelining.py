@@ -99,3 +99,91 @@ def test_the_driver_writes_a_batchs_pngs_in_parallel_and_logs_it_after(tmp_path,
     assert [r.key for r in results] == keys and all(r.status == "generated" for r in results)
     assert peak[0] >= 2  # the fsyncs overlapped
     assert all(run.image_path(k).is_file() for k in keys)
+
+
+# --- out of memory ---------------------------------------------------------------------------------------------
+
+
+class _Jobs:
+    """Stand-ins with what generation reads of a Job: its key and init image."""
+
+    @staticmethod
+    def make(n: int):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(key=f"{i:064x}", init_image=None, init_image_sha256=None) for i in range(n)]
+
+
+class _Tight:
+    """A pipeline that runs out of memory above `fits` images per call (CUDA's message), and can be told to
+    fail one job with another error."""
+
+    def __init__(self, fits: int, bad: str | None = None) -> None:
+        self.fits, self.bad, self.calls = fits, bad, []
+
+    def generate(self, jobs, init_images=None):
+        from PIL import Image
+
+        self.calls.append(len(jobs))
+        if len(jobs) > self.fits:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if any(job.key == self.bad for job in jobs):
+            raise ValueError("this prompt breaks the model")
+        return [Image.new("RGB", (8, 8)) for _ in jobs]
+
+
+def test_out_of_memory_halves_the_batch_clears_the_cache_and_keeps_the_size(monkeypatch):
+    from accelerate.utils import memory
+
+    from probe.generate.executors import BatchFit, generate_batch
+
+    cleared = []
+    monkeypatch.setattr(memory, "clear_device_cache", lambda garbage_collection=False: cleared.append(1))
+    pipe, fit = _Tight(fits=2), BatchFit()
+    jobs = _Jobs.make(8)
+    first = generate_batch(pipe, jobs[:4], {}, fit)
+    assert [type(image).__name__ for _, image, _ in first] == ["Image"] * 4
+    assert pipe.calls == [4, 2, 2] and fit.size == 2 and cleared  # halved once, the cache cleared between
+    pipe.calls.clear()
+    second = generate_batch(pipe, jobs[4:], {}, fit)
+    assert pipe.calls == [2, 2] and len(second) == 4  # the size that fit is used at once for the next batch
+
+
+def test_a_job_that_fits_nowhere_fails_alone_and_other_errors_still_fail_one_job(monkeypatch):
+    from accelerate.utils import memory
+
+    from probe.generate.executors import BatchFit, encode_made, generate_batch
+
+    monkeypatch.setattr(memory, "clear_device_cache", lambda garbage_collection=False: None)
+    jobs = _Jobs.make(4)
+    outcomes = encode_made(generate_batch(_Tight(fits=0), jobs, {}, BatchFit()))
+    assert all(o.error and "out of memory" in o.error for o in outcomes)
+    outcomes = encode_made(generate_batch(_Tight(fits=4, bad=jobs[1].key), jobs, {}, BatchFit()))
+    assert [o.error is None for o in outcomes] == [True, False, True, True]
+    assert "this prompt breaks the model" in outcomes[1].error
+
+
+def test_a_retry_runs_after_the_failed_attempts_frames_are_gone():
+    """The first attempt's locals (its tensors, on a GPU) must be collectable before the retry starts."""
+    import gc
+    import weakref
+
+    from probe.generate.executors import BatchFit, generate_batch
+
+    class Tensor:
+        pass
+
+    alive = []
+
+    class Leaky(_Tight):
+        def generate(self, jobs, init_images=None):
+            if len(jobs) > self.fits:
+                big = Tensor()
+                alive.append(weakref.ref(big))
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            gc.collect()
+            assert all(ref() is None for ref in alive), "the failed attempt's tensor is still alive"
+            return super().generate(jobs, init_images)
+
+    made = generate_batch(Leaky(fits=1), _Jobs.make(2), {}, BatchFit())
+    assert len(made) == 2 and alive

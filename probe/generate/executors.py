@@ -131,8 +131,78 @@ Made = tuple[Job, "Image.Image | BaseException", "float | None"]
 
 
 def generate_batch(generator: ImageGenerator, batch: Sequence[Job],
-                   init_images: Mapping[str, Image.Image]) -> list[Made]:
-    """The images of one batch; a batch that raises is retried job by job, so one bad job fails alone."""
+                   init_images: Mapping[str, Image.Image], fit: BatchFit | None = None) -> list[Made]:
+    """The images of one batch, in chunks of at most `fit.size`.
+
+    Out of memory: the device cache is cleared and the batch retried at smaller sizes (accelerate's
+    `find_executable_batch_size`, halving), and the size that fit is kept in `fit` for the next batches. Any
+    other error: the batch is retried job by job, so one bad job fails alone. Retries run after the `except`
+    block has ended, so the failed attempt's tensors (held by its traceback) are freed first.
+    """
+    fit = fit or BatchFit()
+    size = min(len(batch), fit.size or len(batch))
+    try:
+        return _in_chunks(generator, batch, init_images, size)
+    except Exception as exc:  # noqa: BLE001 - recorded below, outside this block
+        if not should_reduce_batch_size(exc):
+            raise  # _in_chunks records every other error per job
+    release_memory()
+    if size == 1:
+        return [made for job in batch for made in _alone_or_out_of_memory(generator, job, init_images)]
+
+    def attempt(batch_size: int) -> list[Made]:
+        fit.size = batch_size
+        return _in_chunks(generator, batch, init_images, batch_size)
+
+    from accelerate.utils.memory import find_executable_batch_size
+
+    try:
+        found = find_executable_batch_size(attempt, starting_batch_size=size // 2,
+                                           reduce_batch_size_fn=lambda: max(0, (fit.size or 1) // 2))()
+    except RuntimeError:  # "No executable batch size found": each job is tried alone and fails with its OOM
+        return [made for job in batch for made in _alone_or_out_of_memory(generator, job, init_images)]
+    log.warning("out of memory at %d images per call; continuing with %s", size, fit.size)
+    return found
+
+
+def _alone_or_out_of_memory(generator: ImageGenerator, job: Job, init_images: Mapping[str, Image.Image]) -> list[Made]:
+    try:
+        return _one_call(generator, [job], init_images)
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory errors get here: this job fails alone
+        log.warning("job %s failed: out of memory with one image per call", job.key[:12])
+        return [(job, exc.with_traceback(None), None)]
+
+
+class BatchFit:
+    """The largest batch that fit in memory so far, per loaded pipeline (None: as planned)."""
+
+    def __init__(self) -> None:
+        self.size: int | None = None
+
+
+def release_memory() -> None:
+    """Collect garbage and empty the device cache (between OOM attempts, and before the next pipeline loads)."""
+    from accelerate.utils.memory import clear_device_cache
+
+    clear_device_cache(garbage_collection=True)
+
+
+def should_reduce_batch_size(exc: BaseException) -> bool:
+    """Whether `exc` is an out-of-memory error (CUDA, MPS, XPU, CPU allocator), as accelerate recognises them."""
+    from accelerate.utils.memory import should_reduce_batch_size as oom
+
+    return isinstance(exc, Exception) and oom(exc)
+
+
+def _in_chunks(generator: ImageGenerator, batch: Sequence[Job], init_images: Mapping[str, Image.Image],
+               size: int) -> list[Made]:
+    """Every chunk of `size` generated; an error other than out-of-memory falls back to one job per call."""
+    return [made for start in range(0, len(batch), size)
+            for made in _one_call(generator, batch[start : start + size], init_images)]
+
+
+def _one_call(generator: ImageGenerator, batch: Sequence[Job], init_images: Mapping[str, Image.Image]) -> list[Made]:
+    failure: Exception | None = None
     try:
         # The adapter looks init images up by the path the suite gave; the key (and so the pixels) by content.
         by_path = {job.init_image: init_images[job.init_image_sha256] for job in batch
@@ -142,10 +212,13 @@ def generate_batch(generator: ImageGenerator, batch: Sequence[Job],
         seconds = (time.perf_counter() - started) / len(batch)
         return [(job, image, seconds) for job, image in zip(batch, images, strict=True)]
     except Exception as exc:  # noqa: BLE001 - any generation error is recorded, the run goes on
-        if len(batch) == 1:
-            log.warning("job %s failed: %s", batch[0].key[:12], exc)
-            return [(batch[0], exc, None)]
-    return [made for job in batch for made in generate_batch(generator, [job], init_images)]
+        if should_reduce_batch_size(exc):
+            raise  # the caller finds a batch size that fits
+        failure = exc.with_traceback(None)  # drop the frames (and the tensors they hold) before retrying
+    if len(batch) == 1:
+        log.warning("job %s failed: %s", batch[0].key[:12], failure)
+        return [(batch[0], failure, None)]
+    return [made for job in batch for made in _one_call(generator, [job], init_images)]
 
 
 def encode_made(made: Sequence[Made]) -> list[JobOutcome]:
@@ -190,9 +263,11 @@ class LocalExecutor:
                 progress.group(f"{first.model} ({first.preset})", sum(len(batch) for batch in group))
             adapter = PipelineAdapter.for_job(first, self.device)
             decoded = decode_init_images(init_images, [job for batch in group for job in batch])
+            fit = BatchFit()
             for batch in group:
-                yield generate_batch(adapter, batch, decoded)
-            del adapter, decoded  # free the pipeline before the next one loads
+                yield generate_batch(adapter, batch, decoded, fit)
+            del adapter, decoded
+            release_memory()  # one pipeline resident at a time: this one is gone before the next loads
 
 
 def _by_pipeline(batches: Sequence[Sequence[Job]]) -> list[list[Sequence[Job]]]:
