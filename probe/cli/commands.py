@@ -132,7 +132,7 @@ def score(
     reference: Annotated[Path | None, typer.Option(help="Folder of reference images for fid/kid/cmmd.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Reports root: OUT/score-<folder>/<run-id>.")] = Path("reports"),
     clip_model: Annotated[str, typer.Option(help="CLIP for all CLIP metrics: hub id, folder or 'tiny'.")] = DEFAULT_CLIP_MODEL,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps.")] = "cpu",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: cuda if available).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache (default: $PROBE_CACHE or the user cache).")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (e.g. of a report that fails).")] = False,
 ) -> None:

@@ -45,7 +45,8 @@ class ScoreRequest:
     out: Path = Path("reports")
     name: str | None = None
     clip_model: str = DEFAULT_CLIP_MODEL
-    device: str = "cpu"
+    device: str | None = None
+    """cpu, cuda, cuda:N, mps; None: CUDA when there is one, else CPU (as `probe run`)."""
     cache_dir: Path | None = None
     debug: bool = False
 
@@ -316,6 +317,7 @@ def _job_rows(rows: list[dict[str, str]], request: ScoreRequest, run: RunDir) ->
 def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dict[str, Any]]:
     """Build the run directory for `request` and score it; returns the folder and the score counts."""
     from probe.analyse.aggregate import aggregate, paired_deltas
+    from probe.run.driver import resolve_device
     from probe.score.protocol import ScoringContext
     from probe.score.scorer import prepare_metrics, score_run
     from probe.store.features import FeatureCache
@@ -323,7 +325,8 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     from probe.store.tables import ScoresTable, compact_scores
 
     rows, specs = check_request(request)
-    ctx = ScoringContext(features=FeatureCache(request.cache_dir), device=request.device,
+    device = resolve_device(request.device)
+    ctx = ScoringContext(features=FeatureCache(request.cache_dir), device=device,
                          clip_model=request.clip_model, base_dir=Path.cwd())
     prepared = prepare_metrics({"*": specs}, ctx)  # loads the models: fails before any folder is made
     started = time.time()
@@ -337,7 +340,7 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
         suite_sha256="", suite={"images": str(request.images), "prompts": str(request.prompts),
                                 "metrics": list(request.metrics), "reference": str(request.reference or "")},
         plan_sha256=hashlib.sha256("".join(jobs["key"]).encode()).hexdigest(), presets={},
-        device=device_info(request.device), packages=package_versions(), status="running", started_at=now_iso(),
+        device=device_info(device), packages=package_versions(), status="running", started_at=now_iso(),
         counts=RunCounts(planned=len(jobs), cached=len(jobs)),
     )
     run.write_manifest(manifest)
