@@ -56,3 +56,12 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, sub
     cache = root / "cache"
     proc = probe_cli("run", "suites/smoke.yaml", "--out", str(root / "reports"), env={"PROBE_CACHE": str(cache)})
     return root, cache, proc
+
+
+def score_rows(run_dir: Path):
+    """A run's score rows as a sorted frame (series, score id, value, label): what must come out the same after
+    a kill, a resume or any damage repaired."""
+    from probe.store.tables import read_scores
+
+    frame = read_scores(run_dir)[["series", "score_id", "value", "label"]]
+    return frame.sort_values(["series", "score_id", "value"]).reset_index(drop=True)

@@ -17,8 +17,7 @@ import pytest
 
 from probe.run.driver import run_suite
 from probe.run.options import RunOptions
-from probe.store.tables import read_scores
-from tests.conftest import probe_cli
+from tests.conftest import probe_cli, score_rows
 
 SUITE = """
 name: damage
@@ -36,12 +35,6 @@ probes:
     steps: [1]
     metrics: [ocr]
 """
-
-
-def _tables(run_dir: Path) -> pd.DataFrame:
-    scores = read_scores(run_dir)
-    frame = scores[["series", "score_id", "value", "label"]].sort_values(["series", "score_id", "value"])
-    return frame.reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
@@ -168,13 +161,13 @@ def _dangle(link: Path) -> None:
 def test_a_damaged_run_or_cache_is_repaired_by_the_next_run(case: str, clean: Path, tmp_path: Path):
     root = tmp_path / "root"
     shutil.copytree(clean, root, symlinks=True)
-    expected = _tables(_run_dir(root))
+    expected = score_rows(_run_dir(root))
     REPAIRED[case](root)
     summary = run_suite(root / "suite.yaml", RunOptions(reports_root=root / "out", cache_dir=root / "cache"))
     assert summary.report is not None and not summary.failures, case
     assert summary.counts.failed == 0 and summary.counts.planned == 6
     # a regenerated image was made alone, not in its batch of four: its last bits may differ on a CPU
-    pd.testing.assert_frame_equal(_tables(summary.run_dir), expected, rtol=1e-3)
+    pd.testing.assert_frame_equal(score_rows(summary.run_dir), expected, rtol=1e-3)
     assert (root / "out" / "damage" / "latest").resolve() == summary.run_dir.resolve()
 
 

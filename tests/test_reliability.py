@@ -29,7 +29,7 @@ from probe.store.features import FeatureCache
 from probe.store.images import ImageStore, verify_png
 from probe.store.score_cache import ScoreCache
 from probe.store.tables import read_scores
-from tests.conftest import REPO, probe_cli
+from tests.conftest import REPO, probe_cli, score_rows
 
 SUITE = """
 name: drill
@@ -51,13 +51,6 @@ probes:
 
 def _run(suite: Path, out: Path, cache: Path, **options: object):
     return run_suite(suite, RunOptions(reports_root=out, cache_dir=cache, **options))  # type: ignore[arg-type]
-
-
-def _tables(run_dir: Path) -> pd.DataFrame:
-    """A run's per-image scores as a sorted frame: what must come out the same after any damage."""
-    scores = read_scores(run_dir)
-    frame = scores[["series", "score_id", "value", "label"]].sort_values(["series", "score_id"])
-    return frame.reset_index(drop=True)
 
 
 # --- the progress log ------------------------------------------------------------------------------------------
@@ -82,7 +75,7 @@ def test_a_truncated_cached_image_is_moved_aside_regenerated_and_rescored(write_
     suite = write_suite(SUITE)
     cache = tmp_path / "cache"
     first = _run(suite, tmp_path / "out", cache)
-    expected = _tables(first.run_dir)
+    expected = score_rows(first.run_dir)
     jobs = pd.read_parquet(first.run_dir / "jobs.parquet")
     key = jobs.loc[jobs["probe"] == "quality", "key"].iloc[0]
     store = ImageStore(cache)
@@ -97,7 +90,7 @@ def test_a_truncated_cached_image_is_moved_aside_regenerated_and_rescored(write_
     assert second.counts.generated == 1 and second.report is not None
     assert store.verify(key) is None and any((cache / "quarantine").glob(f"{key}.*.png"))
     assert FeatureCache(cache).get("probe-test-extractor", key) is None  # its features were forgotten
-    again = _tables(second.run_dir)
+    again = score_rows(second.run_dir)
     assert 999.0 not in set(again["value"])  # nothing cached for the bad image was reused
     # regenerated alone rather than in a batch of four, its pixels may differ in the last bits on a CPU
     pd.testing.assert_frame_equal(again, expected, rtol=1e-3)
@@ -112,7 +105,7 @@ def test_a_damaged_score_cache_database_is_moved_aside_and_scores_recomputed(wri
         (cache / f"scores.sqlite{suffix}").unlink(missing_ok=True)
     second = _run(suite, tmp_path / "out", cache, new_run=True)
     assert second.report is not None and list(cache.glob("scores.sqlite.corrupt-*"))
-    pd.testing.assert_frame_equal(_tables(second.run_dir), _tables(first.run_dir))
+    pd.testing.assert_frame_equal(score_rows(second.run_dir), score_rows(first.run_dir))
 
 
 def test_unreadable_score_cache_records_are_dropped_and_scored_again(tmp_path):
@@ -168,7 +161,7 @@ def test_a_corrupt_scores_table_is_repaired_by_run_and_refused_clearly_by_reader
     suite = write_suite(SUITE)
     cache = tmp_path / "cache"
     first = _run(suite, tmp_path / "out", cache)
-    expected = _tables(first.run_dir)
+    expected = score_rows(first.run_dir)
     (first.run_dir / "scores.parquet").write_bytes(b"PAR1 torn")
     (first.run_dir / "index.html").unlink()  # as if killed before the report: the rerun resumes this folder
     report = probe_cli("report", str(first.run_dir))
@@ -176,7 +169,7 @@ def test_a_corrupt_scores_table_is_repaired_by_run_and_refused_clearly_by_reader
     assert "Traceback" not in report.stderr
     second = _run(suite, tmp_path / "out", cache)
     assert second.resumed and second.run_dir == first.run_dir and (first.run_dir / "index.html").is_file()
-    pd.testing.assert_frame_equal(_tables(second.run_dir), expected)
+    pd.testing.assert_frame_equal(score_rows(second.run_dir), expected)
 
 
 # --- scoring failures ------------------------------------------------------------------------------------------
@@ -287,7 +280,7 @@ def test_random_kills_resume_to_the_tables_of_an_unkilled_run(write_suite, tmp_p
     suite = write_suite(SUITE)
     clean = probe_cli("run", str(suite), "--out", str(tmp_path / "clean"), env={"PROBE_CACHE": str(tmp_path / "c1")})
     assert clean.returncode == 0, clean.stderr
-    expected = _tables(tmp_path / "clean" / "drill" / "latest")
+    expected = score_rows(tmp_path / "clean" / "drill" / "latest")
     draw = random.Random(13)
     env = {**os.environ, "PROBE_CACHE": str(tmp_path / "c2")}
     for _ in range(5):
@@ -304,6 +297,6 @@ def test_random_kills_resume_to_the_tables_of_an_unkilled_run(write_suite, tmp_p
     # by a new folder, so every folder is complete now and holds the same numbers
     for run_dir in runs:
         assert (run_dir / "index.html").is_file(), run_dir
-        pd.testing.assert_frame_equal(_tables(run_dir), expected)
+        pd.testing.assert_frame_equal(score_rows(run_dir), expected)
         jobs = pd.read_parquet(run_dir / "jobs.parquet")
         assert (jobs["status"] != "failed").all()

@@ -31,7 +31,7 @@ from probe.score.protocol import ImageItem, ImageMetric, Score, ScoringContext, 
 from probe.spec.loader import image_files
 from probe.spec.schema import MetricSpec
 from probe.stats.jackknife import METHOD, make_design
-from probe.store.tables import group_columns, score_ids
+from probe.store.tables import group_columns, group_label, group_of, score_ids
 
 log = logging.getLogger(__name__)
 
@@ -264,17 +264,13 @@ def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: P
                            set_hash, ctx)
         except Exception as exc:  # noqa: BLE001 - one group's failure is recorded; the other groups go on
             log.debug("%s failed on group %s", label, coords, exc_info=True)
-            failures.append(_failure(label, item.probe, group.iloc[0:0], exc) | {
-                "model": str(coords["model"]), "steps": str(coords["steps"]), "prompt": _group_text(coords)})
+            where = {"model": str(coords["model"]), "steps": str(coords["steps"]),
+                     "prompt": group_label(group_of(coords)) or "all prompts"}
+            failures.append(_failure(label, item.probe, group.iloc[0:0], exc) | where)
             continue
         writer.add([row], replace=same_group)  # a group whose images changed replaces its stale row
         computed += 1
     return computed, reused
-
-
-def _group_text(coords: dict[str, Any]) -> str:
-    """A set row's group in a failure line: its variables ('occupation=a nurse'), or 'all prompts'."""
-    return ", ".join(f"{k.removeprefix('var_')}={v}" for k, v in coords.items() if k.startswith("var_")) or "all prompts"
 
 
 def _same_group(frame: pd.DataFrame, label: str, probe: str, coords: dict[str, Any], reference: str) -> pd.Series:

@@ -7,7 +7,6 @@ here, once, so `probe suites validate` fails where the run would have.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from PIL import Image
 from probe.errors import UsageError
 from probe.spec.limits import MAX_GLOB_ENTRIES, MAX_INIT_IMAGE_PIXELS, EntryBudget, bounded_glob, shown
 from probe.spec.yaml_source import FieldPath
+from probe.store.hashing import file_sha256
 
 Issue = tuple[FieldPath, str]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -82,16 +82,8 @@ def read_init_images(matches: list[list[Path]], base: Path, where: FieldPath, is
             if problem is not None:
                 issues.append(((*where, "init_images", index), f"{shown_path}: {problem}"))
                 continue
-            found.append(InitImage(path=shown_path, absolute=absolute, sha256=_sha256(absolute)))
+            found.append(InitImage(path=shown_path, absolute=absolute, sha256=file_sha256(absolute)))
     return found
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def image_problem(path: Path) -> str | None:

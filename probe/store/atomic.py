@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,6 +86,12 @@ def write_parquet_atomic(frame: pd.DataFrame | pa.Table, path: Path) -> None:
 
         pq.write_table(frame, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def aside_path(path: Path) -> Path:
+    """Where a damaged file is moved so it is kept for a person to look at and made again:
+    `<name>.corrupt-<UTC time>` beside it."""
+    return path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
 
 
 def replace_symlink(link: Path, target: str) -> None:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from probe.store.atomic import aside_path
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class ScoreCache:
             try:
                 self._db = _open(self.path)
             except sqlite3.DatabaseError as exc:  # not a database, or damaged beyond SQLite's recovery
-                aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+                aside = aside_path(self.path)
                 log.warning("score cache %s is unreadable (%s); moved to %s, scores are computed again",
                             self.path, exc, aside.name)
                 for suffix in ("", "-wal", "-shm"):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from probe.errors import UsageError
-from probe.store.atomic import write_parquet_atomic
+from probe.store.atomic import aside_path, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ def _unreadable(path: Path, problem: str, repair: bool) -> None:
     """Refuse a torn or damaged file in one line, or (the run driver, which can score again) move it aside."""
     if not repair:
         raise UsageError(f"{path} is not a readable table ({problem}); `probe run` on its suite scores it again")
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = aside_path(path)
     os.replace(path, aside)
     log.warning("%s was unreadable (%s): moved to %s; its scores are taken from the cache or computed again",
                 path, problem, aside.name)

@@ -187,12 +187,13 @@ def _missing(value: Any) -> bool:
 
 
 def detail_array(values: Any) -> pa.Array:
-    """The `extra` column as an Arrow struct (the union of the keys metrics write, null where a row has none).
+    """The `extra` column as an Arrow struct (the union of the keys metrics write, null where a row has none),
+    from values as `detail_of` gives them (every frame's `extra` is normalised when it is built or read).
 
     A key that two metrics fill with different kinds of value (text and a number, say, from a plugin) cannot
     share one struct field; that key alone is stored as JSON text, and a warning says which.
     """
-    rows = [detail_of(v) for v in values]
+    rows = [v if isinstance(v, dict) and v else None for v in values]  # already detail_of's dicts: no 2nd pass
     try:
         return pa.array(rows) if any(rows) else pa.nulls(len(rows))
     except (pa.ArrowInvalid, pa.ArrowTypeError):
