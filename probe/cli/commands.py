@@ -55,13 +55,18 @@ def run(
     clip_model: Annotated[str | None, typer.Option(help="CLIP for all CLIP metrics: hub id, folder or 'tiny'.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (e.g. of a report that fails).")] = False,
     max_jobs: Annotated[int | None, typer.Option(min=1, help="Most jobs the suite may plan (default 100,000).")] = None,
+    score_workers: Annotated[int | None, typer.Option(
+        min=0, help="Processes for faces, skin tone and OCR (default: one per core; 0: in-process).")] = None,
+    stream: Annotated[bool, typer.Option(
+        "--stream/--no-stream", help="Score each batch as soon as it is written, beside generation.")] = True,
 ) -> None:
     """Plan, generate what is not cached yet, score and write the report. Resumes interrupted runs."""
     from probe.cli.progress import RichProgress
     from probe.run.driver import RunOptions, run_suite
 
     options = RunOptions(model_override=model, limit=limit, reports_root=out_dir, device=device, batch_size=batch_size,
-                         cache_dir=cache_dir, new_run=new, clip_model=clip_model, debug=debug, max_jobs=max_jobs)
+                         cache_dir=cache_dir, new_run=new, clip_model=clip_model, debug=debug, max_jobs=max_jobs,
+                         score_workers=score_workers, stream_scoring=stream)
     try:
         summary = run_suite(suite, options, RichProgress(err))  # checks the options and --max-jobs first
     except ProbeError as exc:
@@ -135,6 +140,8 @@ def score(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: cuda if available).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache (default: $PROBE_CACHE or the user cache).")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (e.g. of a report that fails).")] = False,
+    score_workers: Annotated[int | None, typer.Option(
+        min=0, help="Processes for faces, skin tone and OCR (default: one per core; 0: in-process).")] = None,
 ) -> None:
     """Score images made elsewhere into a run directory that reports and notebooks read."""
     from probe.cli.progress import RichProgress
@@ -142,7 +149,7 @@ def score(
 
     request = ScoreRequest(images=images, prompts=prompts, metrics=tuple(metrics or ["clip_score"]),
                            reference=reference, out=out_dir, clip_model=clip_model, device=device, cache_dir=cache_dir,
-                           debug=debug)
+                           debug=debug, score_workers=score_workers)
     progress = RichProgress(err)
     try:
         run_dir, counts = score_images(request, progress)

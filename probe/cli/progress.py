@@ -67,6 +67,10 @@ class RichProgress:
             if task is not None:
                 self._progress.advance(task, n)
 
+    def side(self, label: str) -> SideProgress:
+        """A bar for work done beside the current phase (scoring while generating), driven from another thread."""
+        return SideProgress(self, label)
+
     def finish(self) -> None:
         """Stop drawing; the next phase (scoring) gets fresh bars."""
         if self._running:
@@ -74,3 +78,32 @@ class RichProgress:
         self._progress = self._new()
         self._running = False
         self._overall = self._group = None
+
+
+class SideProgress:
+    """One bar whose total grows with each pass it is given (the scorer beside generation runs many small
+    passes); it never touches the main bars. rich's Progress takes a lock per update, so threads may share it."""
+
+    def __init__(self, owner: RichProgress, label: str) -> None:
+        self._owner = owner
+        self._label = label
+        self._task: TaskID | None = None
+        self._progress: Progress | None = None
+
+    def start(self, total: int) -> None: ...
+
+    def group(self, label: str, total: int) -> None:
+        owner = self._owner
+        owner._ensure_running()
+        if self._task is None or self._progress is not owner._progress:  # the owner moved on to fresh bars
+            self._progress = owner._progress
+            self._task = self._progress.add_task(f"  {self._label}", total=0)
+        assert self._progress is not None
+        task = self._progress.tasks[[t.id for t in self._progress.tasks].index(self._task)]
+        self._progress.update(self._task, total=(task.total or 0) + total)
+
+    def advance(self, n: int) -> None:
+        if self._task is not None and self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def finish(self) -> None: ...

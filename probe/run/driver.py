@@ -29,9 +29,10 @@ from probe.run.folder import RunDir
 from probe.run.manifest import build_manifest, finish_manifest
 from probe.run.options import RunOptions
 from probe.run.records import JobResult, RunCounts, RunManifest
+from probe.run.streaming import StreamingScorer
 from probe.run.writer import generate_all, pending_jobs
 from probe.spec.loader import LoadedSuite, load_suite
-from probe.spec.metric_catalog import DEFAULT_CLIP_MODEL
+from probe.spec.metric_catalog import DEFAULT_CLIP_MODEL, METRICS
 from probe.store.images import ImageStore
 
 log = logging.getLogger(__name__)
@@ -104,19 +105,25 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     executor = executor or choose_executor(options, device)
     manifest = build_manifest(loaded, jobs, options, device, plan_hash)
     with ExitStack() as held:
+        held.callback(scoring.close)
         run, resumed, manifest = _open_run(suite_root, plan_hash, options.new_run, manifest, held)
         started = time.time()
         results = run.read_results()
         todo = pending_jobs(jobs, results, store, run)
+        sink = scoring.sink(run.path)
+        stream = _stream(run, jobs, todo, scoring, sink, options, progress)
         progress.start(len(todo))
         try:
-            generate_all(todo, _init_images(loaded, todo), store, run, executor, options.batch_size, progress)
+            generate_all(todo, _init_images(loaded, todo), store, run, executor, options.batch_size, progress,
+                         on_durable=stream.offer if stream else None)
         finally:
+            if stream is not None:
+                stream.close()
             progress.finish()
         results = run.read_results()
         run.write_jobs(jobs, results)
         counts, failures = _count(jobs, results)
-        metric_configs, score_failures = score_and_aggregate(run.path, loaded, scoring, progress)
+        metric_configs, score_failures = score_and_aggregate(run.path, loaded, scoring, progress, sink)
         wall = time.time() - started
         run.write_manifest(finish_manifest(manifest, counts, failures, wall, metric_configs, score_failures))
         run.update_latest()
@@ -176,38 +183,67 @@ def all_tiny(jobs: Sequence[Job]) -> bool:
     return bool(jobs) and all(j.preset == "tiny" for j in jobs)
 
 
+def _stream(run: RunDir, jobs: Sequence[Job], todo: Sequence[Job], scoring: Scoring, sink: Any,
+            options: RunOptions, progress: Progress) -> StreamingScorer | None:
+    """The scorer working beside generation, when there is something to generate and to score."""
+    if not (options.stream_scoring and todo and scoring.prepared):
+        return None
+    from probe.run.streaming import StreamingScorer
+
+    scoring.ctx.run_dir = run.path
+    side = getattr(progress, "side", None)
+    waiting = {job.key for job in todo}
+    ready = {job.key for job in jobs if job.key not in waiting}
+    return StreamingScorer(run, jobs, scoring, sink, ready, side("scored beside generation") if side else None)
+
+
 def prepare_scoring(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions, device: str) -> Scoring:
     """Build the run's metrics now, so missing CLIP/Inception weights fail before any image is generated."""
     from probe.score.protocol import ScoringContext
-    from probe.score.scorer import prepare_metrics
+    from probe.score.scorer import cpu_pool_for, prepare_metrics
     from probe.store.features import FeatureCache
 
     ctx = ScoringContext(features=FeatureCache(options.cache_dir), device=device,
                          clip_model=clip_model_for(loaded, jobs, options), base_dir=loaded.base_dir,
                          all_tiny=all_tiny(jobs))
     specs = {p.name: list(p.metrics) for p in loaded.suite.probes if p.metrics}
-    return Scoring(ctx=ctx, prepared=prepare_metrics(specs, ctx))
+    prepared = prepare_metrics(specs, ctx)
+    cpu_probes = {p.probe for p in prepared if METRICS.lookup(p.spec.name).cpu_bound}
+    images = len({j.key for j in jobs if j.probe in cpu_probes})
+    return Scoring(ctx=ctx, prepared=prepared, pool=cpu_pool_for(prepared, ctx, options.score_workers, images))
 
 
 @dataclass
 class Scoring:
-    """The metrics of a run, built once, and the context they share."""
+    """The metrics of a run, built once, the context they share and the CPU workers (started on first use)."""
 
     ctx: Any
     prepared: list[Any]
+    pool: Any = None
+
+    def sink(self, run_dir: Path) -> Any:
+        """The run's score table, with the cross-run score cache beside the feature cache."""
+        from probe.store.score_cache import ScoreCache
+        from probe.store.tables import ScoresTable
+
+        return ScoresTable(run_dir, ScoreCache(self.ctx.features.root.parent)) if self.prepared else None
+
+    def close(self) -> None:
+        """Stop the CPU workers, if they were started."""
+        if self.pool is not None:
+            self.pool.close()
 
 
-def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring,
-                        progress: Progress) -> tuple[dict[str, dict[str, object]], list[dict[str, str]]]:
-    """Score what the probes list, then write aggregates.parquet and deltas.parquet; returns the metric
-    configurations and the scores that failed."""
+def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring, progress: Progress,
+                        sink: Any = None) -> tuple[dict[str, dict[str, object]], list[dict[str, str]]]:
+    """Score what the probes list (what is not in `sink` yet), then write aggregates.parquet and deltas.parquet;
+    returns the metric configurations and the scores that failed."""
     import pandas as pd
 
     from probe.analyse.aggregate import aggregate, paired_deltas
     from probe.score.scorer import score_run
     from probe.store.atomic import write_parquet_atomic
-    from probe.store.score_cache import ScoreCache
-    from probe.store.tables import ScoresTable, compact_scores
+    from probe.store.tables import compact_scores
 
     frame = pd.read_parquet(run_dir / "jobs.parquet")
     configs: dict[str, dict[str, object]] = {}
@@ -216,7 +252,7 @@ def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring,
         scoring.ctx.run_dir = run_dir
         try:
             counts = score_run(run_dir, frame, scoring.prepared, scoring.ctx, progress,
-                               sink=ScoresTable(run_dir, ScoreCache(scoring.ctx.features.root.parent)))
+                               sink=sink or scoring.sink(run_dir), pool=scoring.pool)
             configs, failures = counts.configs, counts.failures
         finally:
             progress.finish()

@@ -49,6 +49,8 @@ class ScoreRequest:
     """cpu, cuda, cuda:N, mps; None: CUDA when there is one, else CPU (as `probe run`)."""
     cache_dir: Path | None = None
     debug: bool = False
+    score_workers: int | None = None
+    """Processes for the CPU-bound metrics; None: one per core, 0: in-process."""
 
 
 def read_prompt_table(path: Path) -> list[dict[str, str]]:
@@ -319,7 +321,7 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     from probe.analyse.aggregate import aggregate, paired_deltas
     from probe.run.driver import resolve_device
     from probe.score.protocol import ScoringContext
-    from probe.score.scorer import prepare_metrics, score_run
+    from probe.score.scorer import cpu_pool_for, prepare_metrics, score_run
     from probe.store.features import FeatureCache
     from probe.store.score_cache import ScoreCache
     from probe.store.tables import ScoresTable, compact_scores
@@ -346,7 +348,12 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     run.write_manifest(manifest)
     ctx.run_dir = run.path
     per_probe = [replace(p, probe=probe) for probe in jobs["probe"].unique() for p in prepared]
-    counts = score_run(run.path, jobs, per_probe, ctx, progress, sink=ScoresTable(run.path, ScoreCache(ctx.features.root.parent)))
+    pool = cpu_pool_for(per_probe, ctx, request.score_workers, len(jobs))
+    try:
+        counts = score_run(run.path, jobs, per_probe, ctx, progress,
+                           sink=ScoresTable(run.path, ScoreCache(ctx.features.root.parent)), pool=pool)
+    finally:
+        pool.close()
     scores = compact_scores(run.path)  # the parts of this pass, folded into scores.parquet
     write_parquet_atomic(aggregate(jobs, scores), run.path / "aggregates.parquet")
     models = list(dict.fromkeys(jobs["model"]))

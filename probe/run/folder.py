@@ -14,9 +14,10 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
@@ -24,6 +25,9 @@ from probe.errors import UsageError
 from probe.planning.job import Job
 from probe.run.records import JobResult, RunManifest
 from probe.store.atomic import atomic_write_bytes, replace_symlink, write_parquet_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MANIFEST = "manifest.json"
 JOBS = "jobs.parquet"
@@ -148,14 +152,21 @@ class RunDir:
 
     def write_jobs(self, jobs: list[Job], results: dict[str, JobResult]) -> None:
         """jobs.parquet: one row per planned job with its outcome and image path."""
+        write_parquet_atomic(self.jobs_frame(jobs, results), self.path / JOBS)
+
+    def jobs_frame(self, jobs: Sequence[Job], results: dict[str, JobResult] | None) -> pd.DataFrame:
+        """The rows of jobs.parquet; with `results` None, the plan as it will be once every image is made (each
+        row has its image path), which a scorer working beside generation filters by the keys already durable."""
         import pandas as pd
 
-        rows = [_job_row(job, results.get(job.key), self.relative_image_path(job.key)) for job in jobs]
+        done = JobResult(key="", status="generated")
+        rows = [_job_row(job, done if results is None else results.get(job.key), self.relative_image_path(job.key))
+                for job in jobs]
         frame = pd.DataFrame(rows)
         for column in frame.columns:
             if column.startswith("attr_") and frame[column].map(type).nunique() > 1:
                 frame[column] = frame[column].map(lambda v: None if pd.isna(v) else str(v))
-        write_parquet_atomic(frame, self.path / JOBS)
+        return frame
 
     def update_latest(self) -> None:
         """Point <suite>/latest at this run (a relative symlink, replaced atomically)."""

@@ -25,6 +25,10 @@ class RunOptions:
     max_jobs: int | None = None
     """Most jobs the suite may plan (`--max-jobs`); None keeps probe.spec.limits' default (or the `allow_jobs`
     limit in force). The driver passes it to `load_suite`."""
+    score_workers: int | None = None
+    """Worker processes for the CPU-bound metrics (faces, skin tone, OCR); None: one per core, 0: in-process."""
+    stream_scoring: bool = True
+    """Score each batch once it is durable, beside generation (`--no-stream` scores after generation ends)."""
 
     def check(self, suite_dir: Path) -> None:
         """Refuse options that would only fail after the models had loaded: an `--out` or `--cache-dir` that
@@ -39,6 +43,8 @@ class RunOptions:
                                 folder_problem(self.cache_dir, "--cache-dir") if self.cache_dir else None) if p]
         if self.clip_model and (problem := clip_model_problem(self.clip_model, [suite_dir])):
             problems.append(f"--clip-model: {problem}")
+        if self.score_workers is not None and self.score_workers < 0:
+            problems.append(f"--score-workers must be 0 (in-process) or more, not {self.score_workers}")
         if self.max_jobs is not None and self.max_jobs < 1:
             problems.append(f"--max-jobs must be at least 1, not {self.max_jobs}")
         if problems:

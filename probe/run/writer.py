@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -78,18 +78,23 @@ def _forget(keys: set[str], probes: set[str], store: ImageStore, run: RunDir) ->
 
 
 def generate_all(todo: Sequence[Job], init_images: dict[str, bytes], store: ImageStore, run: RunDir,
-                 executor: Executor, batch_size: int, progress: Any) -> None:
+                 executor: Executor, batch_size: int, progress: Any,
+                 on_durable: Callable[[list[JobResult]], None] | None = None) -> None:
     """Hand the executor every batch; store, link and log each batch's outcomes as they come (single writer).
 
     A batch's PNGs are written by `WRITERS` threads at once (the fsyncs overlap), and the batch is logged
-    only when all of them are durable, in the order the executor returned the batches.
+    only when all of them are durable, in the order the executor returned the batches; then `on_durable` gets
+    its results (the scorer working beside generation).
     """
     pending = {job.key for job in todo}
     outcomes = executor.run(plan_batches(todo, batch_size), init_images, progress)
     try:
         with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="probe-write") as writers:
             for batch in outcomes:
-                run.append_results(_store_batch(batch, pending, store, run, writers))  # after its PNGs are durable
+                stored = _store_batch(batch, pending, store, run, writers)
+                run.append_results(stored)  # after its PNGs are durable
+                if on_durable is not None:
+                    on_durable(stored)
                 progress.advance(len(batch))
     finally:
         close = getattr(outcomes, "close", None)  # stop a generator-based executor (and its workers) now

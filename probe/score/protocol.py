@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from probe.store.features import FeatureCache
 
 __all__ = ["Direction", "ImageItem", "ImageMetric", "ImageSet", "Metric", "Score", "ScoringContext", "SetMetric",
-           "build_metric", "registered"]
+           "build_metric", "rebuildable", "registered"]
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,28 @@ class ImageItem:
     path: Path
     prompt: str
     text: str | None = None
+    pixels: Image.Image | None = field(default=None, compare=False, repr=False, kw_only=True)
+    """The decoded image when the scoring pass has decoded it already (once, for every metric of the pass);
+    shared, so a metric must not change it in place."""
 
     def open(self) -> Image.Image:
-        """The image as RGB, fully loaded."""
+        """The image as RGB, fully loaded (the pass's decoded pixels when there are some)."""
         from PIL import Image
 
+        if self.pixels is not None:
+            return self.pixels
         with Image.open(self.path) as image:
             return image.convert("RGB")
+
+    def decoded(self) -> ImageItem:
+        """This item with its pixels attached; unchanged when they cannot be read (the metric that opens it
+        then meets the error and records it for this image alone)."""
+        if self.pixels is not None:
+            return self
+        try:
+            return replace(self, pixels=self.open())
+        except (OSError, ValueError):
+            return self
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,9 @@ class ScoringContext:
     base_dir: Path = Path(".")
     all_tiny: bool = False
     """Every image comes from the embedded tiny model: stand-in feature networks may replace real ones."""
+    cpu_threads: int | None = None
+    """Threads a CPU library may use (onnxruntime's intra-op pool); None lets it take every core. A CPU worker
+    process sets 1: its siblings take the other cores."""
     _shared: dict[str, Any] = field(default_factory=dict)
 
     def shared(self, name: str, factory: Any) -> Any:
@@ -90,6 +108,10 @@ class ScoringContext:
         if name not in self._shared:
             self._shared[name] = factory()
         return self._shared[name]
+
+    def shared_names(self, prefix: str) -> list[str]:
+        """The names of the shared objects built so far that start with `prefix`."""
+        return [name for name in self._shared if name.startswith(prefix)]
 
 
 @runtime_checkable
@@ -185,6 +207,11 @@ def build_metric(name: str, args: dict[str, Any] | None = None) -> ImageMetric |
         raise ProbeError(f"metric {name!r} ({METRICS.origin(name)}): {info.target} builds a {type(metric).__name__}, "
                          f"which lacks the {expected.__name__} protocol's members (a {info.kind} metric)")
     return metric
+
+
+def rebuildable(name: str) -> bool:
+    """Whether a fresh process can build the metric from its name (not one registered in this process only)."""
+    return name not in _IN_PROCESS and bool(METRICS.lookup(name).target)
 
 
 def _import_target(info: MetricInfo) -> Callable[..., Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,17 +27,16 @@ import numpy as np
 import pandas as pd
 
 from probe.errors import ProbeError
-from probe.score.protocol import ImageItem, ImageMetric, Score, ScoringContext, SetMetric, build_metric
+from probe.score.cpu_pool import POOL_MIN_IMAGES, CpuPool, PooledMetric, poolable
+from probe.score.image_pass import score_images
+from probe.score.labels import canonical_args, failure_record, metric_label
+from probe.score.protocol import ImageItem, ImageMetric, ScoringContext, SetMetric, build_metric
 from probe.spec.loader import image_files
 from probe.spec.schema import MetricSpec
 from probe.stats.jackknife import METHOD, make_design
-from probe.store.tables import group_columns, group_label, group_of, score_ids
+from probe.store.tables import group_columns, group_label, group_of
 
 log = logging.getLogger(__name__)
-
-CHUNK = 64
-
-
 
 @dataclass
 class ScoreCounts:
@@ -49,18 +48,6 @@ class ScoreCounts:
     failures: list[dict[str, str]] = field(default_factory=list)
     """Scores that could not be computed (the metric raised on an image or a group): the pass goes on, the
     image or group has no row (so the next run tries again), and the run ends listing them (exit 1)."""
-
-
-def metric_label(name: str, args: dict[str, Any]) -> str:
-    """Display label (the `series`) of a metric: the name, with its args when a suite gives any ('fid[features=clip]')."""
-    if not args:
-        return name
-    return f"{name}[" + ",".join(f"{k}={args[k]}" for k in sorted(args)) + "]"
-
-
-def canonical_args(args: dict[str, Any]) -> str:
-    """The `args` column: a metric's suite arguments as canonical JSON ("" when there are none)."""
-    return json.dumps(args, sort_keys=True, separators=(",", ":"), default=str) if args else ""
 
 
 def config_id(config: dict[str, Any]) -> str:
@@ -123,6 +110,19 @@ def prepare_metrics(specs: dict[str, list[MetricSpec]], ctx: ScoringContext) -> 
     return prepared
 
 
+def cpu_pool_for(prepared: list[PreparedMetric], ctx: ScoringContext, workers: int | None, images: int) -> CpuPool:
+    """A (lazily started) pool of `workers` processes for the CPU-bound metrics among `prepared`; None: one per
+    core, or none when the run has fewer than POOL_MIN_IMAGES `images` for them (in-process is quicker)."""
+    pooled = {}
+    for item in prepared:
+        if poolable(item.spec.name, item.metric):
+            label = metric_label(item.spec.name, item.spec.args)
+            pooled[label] = PooledMetric(label, item.spec.name, dict(item.spec.args))
+    if workers is None and images < POOL_MIN_IMAGES:
+        workers = 0
+    return CpuPool(list(pooled.values()), ctx, workers)
+
+
 def _outputs(metric: object) -> dict[str, dict[str, str]]:
     """The rows a metric writes with their directions, for the manifest: a report re-rendered where the metric's
     package is not installed still knows which way is better."""
@@ -133,22 +133,36 @@ def _outputs(metric: object) -> dict[str, dict[str, str]]:
 
 def score_run(
     run_dir: Path, jobs: pd.DataFrame, prepared: list[PreparedMetric], ctx: ScoringContext, progress: Any = None,
-    *, sink: ScoreSink,
+    *, sink: ScoreSink, pool: CpuPool | None = None, kinds: frozenset[str] = frozenset({"image", "set"}),
+    ready: set[str] | None = None, stop: Callable[[], bool] | None = None,
 ) -> ScoreCounts:
-    """Score the images of `jobs` (read from `run_dir`) with the prepared metrics, handing rows to `sink`."""
-    writer = sink
+    """Score the images of `jobs` (read from `run_dir`) with the prepared metrics, handing rows to `sink`.
+
+    Per probe, its per-image metrics share one pass (probe.score.image_pass: one decode per image, CPU metrics in
+    `pool`'s workers), then its set metrics score each group. `kinds` picks which of the two run; with `ready`
+    (the keys whose images are durable, while the run still generates) a set group is scored only when all of its
+    images and its reference's are ready. `stop` is asked between chunks: a pass that stops early has handed over
+    every chunk it finished.
+    """
     counts = ScoreCounts()
     usable = jobs[jobs["image"].notna()]
     for item in prepared:
-        rows = usable[usable["probe"] == item.probe]
         name = metric_label(item.spec.name, item.spec.args)
         counts.configs[name] = {**item.config, "config_id": item.config_id, "outputs": _outputs(item.metric)}
-        if isinstance(item.metric, SetMetric):
-            done = _score_sets(item, name, rows, run_dir, ctx, writer, progress, counts.failures)
-        else:
-            done = _score_images(item, name, rows, run_dir, ctx, writer, progress, counts.failures)
-        counts.computed[name] = counts.computed.get(name, 0) + done[0]
-        counts.reused[name] = counts.reused.get(name, 0) + done[1]
+    for probe in dict.fromkeys(item.probe for item in prepared):
+        rows = usable[usable["probe"] == probe]
+        mine = [item for item in prepared if item.probe == probe]
+        images = [item for item in mine if not isinstance(item.metric, SetMetric)]
+        done: dict[str, tuple[int, int]] = {}
+        if images and "image" in kinds:
+            done |= score_images(images, rows, run_dir, ctx, sink, progress, counts.failures, pool, stop)
+        for item in mine:
+            if isinstance(item.metric, SetMetric) and "set" in kinds and not (stop is not None and stop()):
+                label = metric_label(item.spec.name, item.spec.args)
+                done[label] = _score_sets(item, label, rows, run_dir, ctx, sink, progress, counts.failures, ready)
+        for name, (computed, reused) in done.items():
+            counts.computed[name] = counts.computed.get(name, 0) + computed
+            counts.reused[name] = counts.reused.get(name, 0) + reused
     return counts
 
 
@@ -159,81 +173,11 @@ def _items(rows: pd.DataFrame, run_dir: Path) -> list[ImageItem]:
             for r in unique.itertuples()]
 
 
-def _scored_items(rows: pd.DataFrame, run_dir: Path) -> dict[str, ImageItem]:
-    """One ImageItem per distinct score id (image + prompt + target text)."""
-    unique = rows.assign(score_id=score_ids(rows)).drop_duplicates("score_id")
-    return {r.score_id: ImageItem(key=r.key, path=run_dir / r.image, prompt=r.prompt,
-                                  text=None if pd.isna(r.text) else r.text) for r in unique.itertuples()}
-
-
-def _rounds(todo: list[tuple[str, ImageItem]]) -> list[list[tuple[str, ImageItem]]]:
-    """Chunks in which every image key appears once, so each returned Score maps back to one score id."""
-    rounds: list[list[tuple[str, ImageItem]]] = []
-    for sid, item in todo:
-        for chunk in rounds:
-            if len(chunk) < CHUNK and all(other.key != item.key for _, other in chunk):
-                chunk.append((sid, item))
-                break
-        else:
-            rounds.append([(sid, item)])
-    return rounds
-
-
-def _score_images(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
-                  writer: ScoreSink, progress: Any, failures: list[dict[str, str]]) -> tuple[int, int]:
-    assert isinstance(item.metric, ImageMetric)
-    cid = item.config_id
-    existing = writer.frame
-    have = set(existing.loc[existing["config_id"] == cid, "score_id"])  # a config id names one configuration
-    items = _scored_items(rows, run_dir)
-    outputs = frozenset(getattr(getattr(item.metric, "info", None), "outputs", None) or ())
-    cached = writer.reuse(cid, [sid for sid in items if sid not in have], outputs)
-    todo = [(sid, image) for sid, image in items.items() if sid not in have and sid not in cached]
-    if progress is not None and todo:
-        progress.group(f"score {label} ({item.probe})", len(todo))
-    for chunk in _rounds(todo):
-        by_key = {image.key: sid for sid, image in chunk}
-        scores = _score_chunk(item, label, [image for _, image in chunk], ctx, rows, failures)
-        new_rows = [_image_row(s, item, by_key[s.key]) for s in scores if s.key is not None]
-        writer.add(new_rows)
-        if progress is not None:
-            progress.advance(len(chunk))
-    return len(todo), len(items) - len(todo)
-
-
-def _score_chunk(item: PreparedMetric, label: str, images: list[ImageItem], ctx: ScoringContext, rows: pd.DataFrame,
-                 failures: list[dict[str, str]]) -> list[Score]:
-    """A chunk's scores; when the metric raises, each image is tried alone and only the ones that fail are
-    recorded as failures (any exception: one bad image must not stop the other images or metrics)."""
-    try:
-        return list(item.metric.score(images, ctx))  # type: ignore[union-attr]
-    except Exception as exc:  # noqa: BLE001 - recorded per image below, with its error
-        if len(images) == 1:
-            log.debug("%s failed on %s", label, images[0].key, exc_info=True)
-            failures.append(_failure(label, item.probe, rows[rows["key"] == images[0].key], exc))
-            return []
-    return [score for image in images for score in _score_chunk(item, label, [image], ctx, rows, failures)]
-
-
-def _failure(label: str, probe: str, rows: pd.DataFrame, exc: BaseException) -> dict[str, str]:
-    """A failed score in the shape of a failed job (manifest.json `score_failures`, the CLI's failure lines)."""
-    first = rows.iloc[0] if not rows.empty else pd.Series(dtype=object)
-    return {"key": str(first.get("key", "")), "probe": probe, "model": str(first.get("model", "")),
-            "prompt": str(first.get("prompt", "")), "seed": str(first.get("seed", "-")),
-            "steps": str(first.get("steps", "-")), "error": f"score {label}: {type(exc).__name__}: {exc}"}
-
-
-def _image_row(score: Score, item: PreparedMetric, sid: str) -> dict[str, Any]:
-    """A scores.parquet row; a metric writing several rows (ocr) keeps their names as `metric`, one config."""
-    return {"metric": score.metric, "args": canonical_args(item.spec.args),
-            "series": metric_label(score.metric, item.spec.args), "config_id": item.config_id, "score_id": sid,
-            "key": score.key, "value": score.value, "label": score.label, "text": score.text,
-            "extra": dict(score.extra) if score.extra else None}
-
-
 def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
-                writer: ScoreSink, progress: Any, failures: list[dict[str, str]]) -> tuple[int, int]:
-    """One row per group: value, jackknife CI over prompts, sizes; skipped if already there unchanged."""
+                writer: ScoreSink, progress: Any, failures: list[dict[str, str]],
+                ready: set[str] | None = None) -> tuple[int, int]:
+    """One row per group: value, jackknife CI over prompts, sizes; skipped if already there unchanged, and
+    (with `ready`) while any image of the group or of its reference is not yet durable."""
     spec = item.spec
     assert spec.reference is not None and isinstance(item.metric, SetMetric)
     by = ["model", "steps", "strength", *(f"var_{g}" for g in spec.group_by)]
@@ -249,6 +193,8 @@ def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: P
         set_hash = _set_hash(items, reference_items)
         if progress is not None:
             progress.advance(1)
+        if ready is not None and not _complete(items, reference_items, ready, run_dir):
+            continue  # still generating: scored when the group is complete
         if {i.key for i in items} == {i.key for i in reference_items} or not reference_items:
             continue  # the reference itself, or nothing to compare with
         existing = writer.frame
@@ -266,11 +212,17 @@ def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: P
             log.debug("%s failed on group %s", label, coords, exc_info=True)
             where = {"model": str(coords["model"]), "steps": str(coords["steps"]),
                      "prompt": group_label(group_of(coords)) or "all prompts"}
-            failures.append(_failure(label, item.probe, group.iloc[0:0], exc) | where)
+            failures.append(failure_record(label, item.probe, group.iloc[0:0], f"{type(exc).__name__}: {exc}")
+                            | where)
             continue
         writer.add([row], replace=same_group)  # a group whose images changed replaces its stale row
         computed += 1
     return computed, reused
+
+
+def _complete(items: list[ImageItem], reference: list[ImageItem], ready: set[str], run_dir: Path) -> bool:
+    """Every image of the group, and of its reference when that is another model's, is durable."""
+    return all(i.key in ready for i in items) and all(i.key in ready for i in reference if i.path.is_relative_to(run_dir))
 
 
 def _same_group(frame: pd.DataFrame, label: str, probe: str, coords: dict[str, Any], reference: str) -> pd.Series:

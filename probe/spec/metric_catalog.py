@@ -71,6 +71,9 @@ class MetricInfo:
     """Row name -> output; filled from `direction` for a single-output metric."""
     params: Params | None = field(default=None, hash=False)
     """The constructor's keyword arguments a suite may give in `args`, with their kinds; None accepts any."""
+    cpu_bound: bool = False
+    """Pure CPU work needing no model on the run's device and no other metric's state (faces, skin tone, OCR):
+    a scoring pass may run it in worker processes, one per core, beside the device metrics."""
 
     def __post_init__(self) -> None:
         where = f"metric {self.name!r}"
@@ -130,11 +133,11 @@ _BUILTIN = (
                "probe.score.metrics.clip:Cmmd", "lower",
                params={"sigma": "float", "scale": "float", "batch_size": "int", "ci_groups": "int"}),
     MetricInfo("faces", "image", "face count and boxes (OpenCV Haar cascades: frontal alt2 + mirrored profile, NMS)",
-               "probe.score.metrics.faces:Faces", "none", params=FACE_PARAMS),
+               "probe.score.metrics.faces:Faces", "none", params=FACE_PARAMS, cpu_bound=True),
     MetricInfo("skin_tone", "image", "ITA of the largest face's skin pixels (CIELab median) and the nearest Monk Skin "
                "Tone (CIEDE2000); unknown when no face or too few skin pixels", "probe.score.metrics.skin:SkinTone",
                "none", params={"rule": "str", "core": "float", "min_skin_pixels": "int", "min_skin_fraction": "float",
-                               "faces": FACE_PARAMS}),
+                               "faces": FACE_PARAMS}, cpu_bound=True),
     MetricInfo("perceived_gender", "image", "perceived gender presentation of the largest face by CLIP zero-shot "
                "(feminine/masculine/unclear/no_person); never gender identity",
                "probe.score.metrics.gender:PerceivedGender", "none",
@@ -148,7 +151,7 @@ _BUILTIN = (
                    "ocr_detected": MetricOutput("higher", "whether any text was detected"),
                }, params={"engine": "str", "casefold": "bool", "nfkc": "bool", "collapse_whitespace": "bool",
                           "drop_punctuation": "bool", "text_score": "float", "box_thresh": "float",
-                          "det_limit_side_len": "int"}),
+                          "det_limit_side_len": "int"}, cpu_bound=True),
     MetricInfo("fid", "set", "Frechet distance to a reference set on Inception (clean-fid preprocessing) or CLIP "
                "features", "probe.score.metrics.fid:Fid", "lower", params={"features": "str", "ci_groups": "int"}),
     MetricInfo("kid", "set", "Kernel (unbiased polynomial MMD^2) distance to a reference set; subset size adapts to "

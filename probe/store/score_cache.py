@@ -113,7 +113,9 @@ class ScoreCache:
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=60)
+    # The connection is made on one thread and may be used on another (a run scores in a background thread
+    # while it generates, then finishes on the main thread); the uses never overlap, so no lock is needed.
+    db = sqlite3.connect(path, timeout=60, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(_SCHEMA)
     db.execute("SELECT count(*) FROM scores").fetchone()  # a damaged file fails here, not mid-run

@@ -24,7 +24,7 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -215,10 +215,31 @@ def faces_for(item: ImageItem, ctx: ScoringContext, settings: FaceSettings | Non
         rgb: the decoded pixels when the caller already has them (saves a decode).
     """
     settings = settings or FaceSettings()
-    cache: dict[str, list[FaceBox]] = ctx.shared("faces:" + settings.id, dict)
+    cache: dict[str, list[FaceBox]] = ctx.shared(_FACES + settings.id, dict)
     if item.key not in cache:
         cache[item.key] = detect_faces(load_rgb(item) if rgb is None else rgb, settings)
     return cache[item.key]
+
+
+#: The prefix of the scoring context's shared face caches, one per settings id.
+_FACES = "faces:"
+
+
+def take_faces(ctx: ScoringContext, keys: Collection[str]) -> dict[str, dict[str, list[FaceBox]]]:
+    """The detections of `keys` (per settings id), removed from `ctx`: a CPU worker sends them to the parent
+    pass, so perceived_gender there reuses them instead of detecting the faces again."""
+    taken: dict[str, dict[str, list[FaceBox]]] = {}
+    for name in ctx.shared_names(_FACES):
+        cache: dict[str, list[FaceBox]] = ctx.shared(name, dict)
+        taken[name] = {key: cache.pop(key) for key in keys if key in cache}
+    return taken
+
+
+def add_faces(ctx: ScoringContext, taken: dict[str, dict[str, list[FaceBox]]]) -> None:
+    """Detections made elsewhere (`take_faces` in a worker) added to `ctx`'s shared caches."""
+    for name, boxes in taken.items():
+        if name.startswith(_FACES):
+            ctx.shared(name, dict).update(boxes)
 
 
 def describe(settings: FaceSettings) -> dict[str, Any]:

@@ -175,7 +175,9 @@ class PerceivedGender(Metric):
         face = largest_face(boxes)
         if face is not None:
             key = FaceCrop.key_for(item.key, face, self.crop_margin)
-            return FaceCrop(key=key, path=item.path, prompt=item.prompt, box=face, margin=self.crop_margin), face, len(boxes)
+            face_crop = FaceCrop(key=key, path=item.path, prompt=item.prompt, box=face, margin=self.crop_margin,
+                            pixels=item.pixels)  # cropped from the pass's decode, not decoded again
+            return face_crop, face, len(boxes)
         return (item if self.no_face_policy == "whole_image" else None), None, 0
 
     def score(self, items: Sequence[ImageItem], ctx: ScoringContext) -> list[Score]:

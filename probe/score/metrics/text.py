@@ -108,7 +108,8 @@ class RapidOcrEngine:
 
     name: ClassVar[str] = "rapidocr"
 
-    def __init__(self, text_score: float = 0.5, box_thresh: float = 0.5, det_limit_side_len: int = 736) -> None:
+    def __init__(self, text_score: float = 0.5, box_thresh: float = 0.5, det_limit_side_len: int = 736,
+                 threads: int | None = None) -> None:
         from rapidocr import RapidOCR
 
         self.models = bundled_rapidocr_models()
@@ -122,6 +123,9 @@ class RapidOcrEngine:
             "Det.limit_side_len": det_limit_side_len,
             "Det.limit_type": "min",
             **{f"{task.capitalize()}.model_path": model["path"] for task, model in self.models.items()},
+            # Threads change speed, not results: not in the thresholds the config id is made of.
+            **({"EngineConfig.onnxruntime.intra_op_num_threads": threads,
+                "EngineConfig.onnxruntime.inter_op_num_threads": 1} if threads else {}),
         }
         self._engine = RapidOCR(params=params)
 
@@ -209,7 +213,7 @@ class Ocr(Metric):
     def _engine(self, ctx: ScoringContext) -> RapidOcrEngine:
         """The context's shared engine for these thresholds, built (and its models checked) on first use."""
         key = "ocr:" + self.engine + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.engine_args.items()))
-        built: RapidOcrEngine = ctx.shared(key, lambda: RapidOcrEngine(**self.engine_args))
+        built: RapidOcrEngine = ctx.shared(key, lambda: RapidOcrEngine(**self.engine_args, threads=ctx.cpu_threads))
         return built
 
     def config(self, ctx: ScoringContext) -> dict[str, Any]:
