@@ -32,7 +32,7 @@ from probe.run.records import JobResult, RunCounts, RunManifest
 from probe.run.streaming import StreamingScorer
 from probe.run.writer import generate_all, pending_jobs
 from probe.spec.loader import LoadedSuite, load_suite
-from probe.spec.metric_catalog import DEFAULT_CLIP_MODEL, METRICS
+from probe.spec.metric_catalog import DEFAULT_CLIP_MODEL
 from probe.store.images import ImageStore
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,11 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
         try:
             generate_all(todo, _init_images(loaded, todo), store, run, executor, options.batch_size, progress,
                          on_durable=stream.offer if stream else None)
+        except BaseException:
+            if stream is not None:
+                stream.close(wait=False)
+            scoring.interrupted = True
+            raise
         finally:
             if stream is not None:
                 stream.close()
@@ -199,6 +204,7 @@ def _stream(run: RunDir, jobs: Sequence[Job], todo: Sequence[Job], scoring: Scor
 
 def prepare_scoring(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions, device: str) -> Scoring:
     """Build the run's metrics now, so missing CLIP/Inception weights fail before any image is generated."""
+    from probe.score.cpu_pool import cpu_bound
     from probe.score.protocol import ScoringContext
     from probe.score.scorer import cpu_pool_for, prepare_metrics
     from probe.store.features import FeatureCache
@@ -208,7 +214,7 @@ def prepare_scoring(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOption
                          all_tiny=all_tiny(jobs))
     specs = {p.name: list(p.metrics) for p in loaded.suite.probes if p.metrics}
     prepared = prepare_metrics(specs, ctx)
-    cpu_probes = {p.probe for p in prepared if METRICS.lookup(p.spec.name).cpu_bound}
+    cpu_probes = {p.probe for p in prepared if cpu_bound(p.metric)}
     images = len({j.key for j in jobs if j.probe in cpu_probes})
     return Scoring(ctx=ctx, prepared=prepared, pool=cpu_pool_for(prepared, ctx, options.score_workers, images))
 
@@ -220,6 +226,8 @@ class Scoring:
     ctx: Any
     prepared: list[Any]
     pool: Any = None
+    interrupted: bool = False
+    """The run stopped on an error or Ctrl-C: `close` does not wait for the CPU workers' tasks in hand."""
 
     def sink(self, run_dir: Path) -> Any:
         """The run's score table, with the cross-run score cache beside the feature cache."""
@@ -231,7 +239,7 @@ class Scoring:
     def close(self) -> None:
         """Stop the CPU workers, if they were started."""
         if self.pool is not None:
-            self.pool.close()
+            self.pool.close(wait=not self.interrupted)
 
 
 def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring, progress: Progress,

@@ -68,12 +68,14 @@ class StreamingScorer:
                 self._fresh |= keys
                 self._cond.notify()
 
-    def close(self) -> None:
-        """Stop after the chunk in hand (what it finished is kept) and wait for the thread."""
+    def close(self, wait: bool = True) -> None:
+        """Stop after the chunk in hand (what it finished is kept); wait for the thread, or (on an interrupt,
+        when a chunk of OCR in the workers could take a minute) give it a few seconds, then leave it: it is a
+        daemon thread and every chunk it hands over is written atomically."""
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join()
+        self._thread.join(None if wait else 5.0)
 
     def _stopping(self) -> bool:
         return self._closing
