@@ -45,18 +45,22 @@ class ClipBackend:
         revision: hub revision; defaults to the pinned one for the default model, else "main".
     """
 
-    def __init__(self, spec: str = DEFAULT_CLIP_MODEL, device: str = "cpu", revision: str | None = None) -> None:
+    def __init__(self, spec: str = DEFAULT_CLIP_MODEL, device: str = "cpu", revision: str | None = None,
+                 dtype: str | None = None) -> None:
         self.spec = spec
         self.device = device
-        self._encoders: Encoders = load_encoders(spec, device, revision)
+        self._encoders: Encoders = load_encoders(spec, device, revision, dtype)
+        self.dtype = self._encoders.dtype
         self.model_id = self._encoders.model_id
         self.revision = self._encoders.revision
         self.preprocessing = self._encoders.preprocessing
         self.max_tokens = self._encoders.max_tokens
         #: FeatureCache extractor ids: everything that decides an embedding, nothing else.
-        self.image_extractor_id = f"clip-image|{self.model_id}@{self.revision}|{self.preprocessing}"
-        self.text_extractor_id = f"clip-text|{self.model_id}@{self.revision}|max_tokens={self.max_tokens}"
-        logger.info("CLIP backend %s @ %s on %s", self.model_id, self.revision, device)
+        # float32 ids stay as they were before dtypes existed (caches keep their vectors); others name the dtype.
+        precision = "" if self.dtype == "float32" else f"|{self.dtype}"
+        self.image_extractor_id = f"clip-image|{self.model_id}@{self.revision}|{self.preprocessing}{precision}"
+        self.text_extractor_id = f"clip-text|{self.model_id}@{self.revision}|max_tokens={self.max_tokens}{precision}"
+        logger.info("CLIP backend %s @ %s on %s (%s)", self.model_id, self.revision, device, self.dtype)
 
     def describe(self) -> dict[str, Any]:
         """What a manifest records about this backend."""
@@ -66,6 +70,7 @@ class ClipBackend:
             "preprocessing": self.preprocessing,
             "max_tokens": self.max_tokens,
             "truncation": f"first {self.max_tokens - 2} tokens + start/end tokens",
+            **({"dtype": self.dtype} if self.dtype != "float32" else {}),  # float32 config ids as before
         }
 
     def image_embeddings(

@@ -41,6 +41,8 @@ class Encoders:
     encode_images: Callable[[list[Image.Image]], Any]
     encode_texts: Callable[[list[str]], Any]
     count_tokens: Callable[[str], int]
+    dtype: str = "float32"
+    """The weights' and activations' dtype: float16 on CUDA (`clip_dtype`), float32 elsewhere."""
 
     def run(self, encode: Callable[[Any], Any], inputs: Any) -> np.ndarray:
         """Call an encoder without autograd and return float32 numpy rows."""
@@ -89,14 +91,24 @@ def _describe_image_processor(image_processor: Any) -> str:
     return type(image_processor).__name__ + json.dumps(chosen, sort_keys=True, separators=(",", ":"))
 
 
-def _hf_encoders(model: Any, processor: Any, device: str, model_id: str, revision: str) -> Encoders:
-    model = model.to(device).eval()
+def clip_dtype(device: str) -> str:
+    """float16 on CUDA (tensor cores: about twice the embeddings per second, cosines within 1e-3 of float32),
+    float32 on CPU and MPS, where half precision is slower or incomplete."""
+    return "float16" if device.startswith("cuda") else "float32"
+
+
+def _hf_encoders(model: Any, processor: Any, device: str, model_id: str, revision: str,
+                 dtype: str = "float32") -> Encoders:
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    model = model.to(device=device, dtype=torch_dtype).eval()
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     max_tokens = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
 
     def encode_images(images: list[Image.Image]) -> Any:
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return model.get_image_features(pixel_values=pixels.to(device))
+        return model.get_image_features(pixel_values=pixels.to(device=device, dtype=torch_dtype))
 
     def encode_texts(texts: list[str]) -> Any:
         # Explicit truncation keeps the end token that CLIP pools at (slicing ids would drop it).
@@ -110,7 +122,7 @@ def _hf_encoders(model: Any, processor: Any, device: str, model_id: str, revisio
         return len(tokenizer.tokenize(text)) + tokenizer.num_special_tokens_to_add(pair=False)
 
     preprocessing = _describe_image_processor(image_processor)
-    return Encoders(model_id, revision, preprocessing, max_tokens, encode_images, encode_texts, count_tokens)
+    return Encoders(model_id, revision, preprocessing, max_tokens, encode_images, encode_texts, count_tokens, dtype)
 
 
 def _split_revision(spec: str, revision: str | None) -> tuple[str, str]:
@@ -152,7 +164,7 @@ def _snapshot_lacks(folder: Path) -> list[str]:
     return lacks
 
 
-def _load_hub(model_id: str, revision: str, device: str) -> Encoders:
+def _load_hub(model_id: str, revision: str, device: str, dtype: str) -> Encoders:
     """From the local HF cache only; the snapshot folder's name is the resolved commit."""
     from huggingface_hub import constants, try_to_load_from_cache
     from transformers import CLIPModel, CLIPProcessor
@@ -169,10 +181,10 @@ def _load_hub(model_id: str, revision: str, device: str) -> Encoders:
         processor = CLIPProcessor.from_pretrained(snapshot, local_files_only=True)
     except OSError as error:
         raise _not_cached(model_id, revision, f"incomplete in the cache ({error})") from error
-    return _hf_encoders(model, processor, device, model_id, snapshot.name)
+    return _hf_encoders(model, processor, device, model_id, snapshot.name, dtype)
 
 
-def _load_folder(folder: Path, device: str) -> Encoders:
+def _load_folder(folder: Path, device: str, dtype: str) -> Encoders:
     from transformers import CLIPModel, CLIPProcessor
 
     try:
@@ -181,17 +193,17 @@ def _load_folder(folder: Path, device: str) -> Encoders:
     except OSError as error:
         raise ProbeError(f"cannot load a CLIP model from folder {folder}: {error}") from error
     revision = _fingerprint([path for path in folder.iterdir() if path.is_file()])
-    return _hf_encoders(model, processor, device, str(folder), revision)
+    return _hf_encoders(model, processor, device, str(folder), revision, dtype)
 
 
-def _load_tiny(device: str) -> Encoders:
+def _load_tiny(device: str, dtype: str) -> Encoders:
     from probe.embedded.tiny_clip import TINY_CLIP_REVISION, build_tiny_clip
 
     model, processor = build_tiny_clip()
-    return _hf_encoders(model, processor, device, "tiny", TINY_CLIP_REVISION)
+    return _hf_encoders(model, processor, device, "tiny", TINY_CLIP_REVISION, dtype)
 
 
-def _load_open_clip(arch: str, weights: Path, device: str) -> Encoders:
+def _load_open_clip(arch: str, weights: Path, device: str, dtype: str) -> Encoders:
     """open_clip architecture + weights file; only BPE-tokenizer archs (OpenAI/LAION ViTs such as ViT-H-14)."""
     import open_clip
     import torch
@@ -199,13 +211,15 @@ def _load_open_clip(arch: str, weights: Path, device: str) -> Encoders:
     if not weights.is_file():
         raise ProbeError(f"open_clip weights file {weights} not found (spec open_clip:{arch}:{weights})")
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights), device=device)
-    model.eval()
+    torch_dtype = getattr(torch, dtype)
+    model = model.to(dtype=torch_dtype).eval()
     tokenizer = open_clip.get_tokenizer(arch)
     if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer) or tokenizer.reduction_fn is not None:
         raise ProbeError(f"open_clip arch {arch!r} uses a tokenizer probe does not support (only CLIP BPE)")
 
     def encode_images(images: list[Image.Image]) -> Any:
-        return model.encode_image(torch.stack([preprocess(image) for image in images]).to(device))
+        pixels = torch.stack([preprocess(image) for image in images])
+        return model.encode_image(pixels.to(device=device, dtype=torch_dtype))
 
     def encode_texts(texts: list[str]) -> Any:
         return model.encode_text(tokenizer(texts).to(device))
@@ -215,20 +229,24 @@ def _load_open_clip(arch: str, weights: Path, device: str) -> Encoders:
 
     preprocessing = "open_clip:" + " ".join(str(preprocess).split())
     return Encoders(f"open_clip:{arch}", _fingerprint([weights]), preprocessing, tokenizer.context_length,
-                    encode_images, encode_texts, count_tokens)
+                    encode_images, encode_texts, count_tokens, dtype)
 
 
-def load_encoders(spec: str, device: str = "cpu", revision: str | None = None) -> Encoders:
-    """Load the CLIP model a spec names: "tiny", a folder, "open_clip:ARCH:FILE", or a hub id[@revision]."""
+def load_encoders(spec: str, device: str = "cpu", revision: str | None = None, dtype: str | None = None) -> Encoders:
+    """Load the CLIP model a spec names: "tiny", a folder, "open_clip:ARCH:FILE", or a hub id[@revision], in
+    `dtype` (default: `clip_dtype(device)`)."""
+    dtype = dtype or clip_dtype(device)
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ProbeError(f"CLIP dtype must be float32, float16 or bfloat16, not {dtype!r}")
     if spec == "tiny":
-        return _load_tiny(device)
+        return _load_tiny(device, dtype)
     if spec.startswith("open_clip:"):
         parts = spec.split(":", 2)
         if len(parts) != 3:
             raise ProbeError(f"open_clip spec must be open_clip:ARCH:WEIGHTS_FILE, got {spec!r}")
-        return _load_open_clip(parts[1], Path(parts[2]).expanduser(), device)
+        return _load_open_clip(parts[1], Path(parts[2]).expanduser(), device, dtype)
     folder = Path(spec).expanduser()
     if folder.is_dir():
-        return _load_folder(folder.resolve(), device)
+        return _load_folder(folder.resolve(), device, dtype)
     model_id, resolved = _split_revision(spec, revision)
-    return _load_hub(model_id, resolved, device)
+    return _load_hub(model_id, resolved, device, dtype)
