@@ -4,7 +4,9 @@ image, a broken pool finished in-process, and workers that never re-run a user's
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -228,3 +230,50 @@ def test_workers_do_not_run_a_users_unguarded_script_again(tmp_path, two_runs):
     assert proc.stdout.count("SCORED") == 1 and "BrokenProcessPool" not in proc.stderr
     assert "'faces': 6" in proc.stdout and "[]" in proc.stdout
     assert len(list((tmp_path / "out").glob("*/2*"))) == 1  # one run folder: no worker started its own
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Processes still running in session `sid` (the run and any worker it started); zombies, which are dead and
+    only wait for their new parent to reap them, do not count."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                running = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+                if os.getsid(int(entry.name)) == sid and running:
+                    alive.append(int(entry.name))
+            except (ProcessLookupError, PermissionError, FileNotFoundError):
+                continue
+    return alive
+
+
+def test_ctrl_c_while_workers_score_exits_promptly_and_the_rerun_doubles_nothing(tmp_path):
+    from probe.store.tables import read_scores
+
+    suite = {"name": "interrupt", "models": [{"preset": "tiny", "size": 192}], "seeds": 12,
+             "probes": [{"name": "signs", "kind": "text", "steps": [1, 2, 4],
+                         "prompts": [{"prompt": f'a sign that says "SHOP {i}"', "text": f"SHOP {i}"} for i in range(4)],
+                         "metrics": ["clip_score", "ocr"]}]}
+    path = tmp_path / "interrupt.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    command = [sys.executable, "-m", "probe.cli", "run", str(path), "--out", str(tmp_path / "out"), "--batch-size", "2",
+               "--score-workers", "2"]
+    env = {**os.environ, "PROBE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not list((tmp_path / "out").glob("interrupt/2*/scores.parts/*.parquet")):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before any streamed score was written"
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - started < 20, stderr.decode()[-2000:]
+    assert "CPU scoring workers failed" not in stderr.decode()
+    time.sleep(1)
+    assert _session_processes(proc.pid) == []  # no worker left behind
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    scores = read_scores(next((tmp_path / "out").glob("interrupt/2*")))
+    assert scores.groupby("series").size().to_dict() == {name: 144 for name in (
+        "clip_score", "ocr_cer", "ocr_detected", "ocr_exact", "ocr_f1")}

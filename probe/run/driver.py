@@ -117,13 +117,15 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
             generate_all(todo, _init_images(loaded, todo), store, run, executor, options.batch_size, progress,
                          on_durable=stream.offer if stream else None)
         except BaseException:
+            scoring.interrupted = True
+            scoring.close()  # the CPU workers first: the scorer thread may be waiting on them
             if stream is not None:
                 stream.close(wait=False)
-            scoring.interrupted = True
             raise
-        finally:
+        else:
             if stream is not None:
                 stream.close()
+        finally:
             progress.finish()
         results = run.read_results()
         run.write_jobs(jobs, results)

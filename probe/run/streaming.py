@@ -107,6 +107,9 @@ class StreamingScorer:
                 self._score(*taken)
         except Exception as exc:  # noqa: BLE001 - the final pass scores whatever this thread could not
             self.error = exc
+            if self._closing:  # the run is stopping (Ctrl-C): what failed here is the interruption itself
+                log.debug("streaming scorer stopped while closing", exc_info=True)
+                return
             log.warning("scoring beside generation stopped (%s: %s); the rest is scored after generation",
                         type(exc).__name__, exc)
             log.debug("streaming scorer failed", exc_info=True)

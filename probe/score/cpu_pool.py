@@ -121,8 +121,15 @@ class CpuPool:
         return self._pool.submit(_score_task, task)
 
     def close(self, wait: bool = True) -> None:
-        """Stop the workers: what they have not started is cancelled; `wait` for the tasks in hand."""
+        """Stop the workers: what they have not started is cancelled; `wait` for the tasks in hand, or (after an
+        interrupt) end the workers at once rather than let a chunk of OCR hold the exit for a minute."""
         if self._pool is not None:
+            if not wait:
+                self.broken = True  # what the workers had is abandoned on purpose: not a failure to report
+                # ProcessPoolExecutor has no public way to end running tasks before Python 3.14's
+                # terminate_workers(); its process table is the only handle on them.
+                for process in list(getattr(self._pool, "_processes", {}).values()):
+                    process.terminate()
             self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
@@ -133,10 +140,13 @@ _WORKER: dict[str, Any] = {}
 
 def _start_worker(metrics: list[PooledMetric], base_dir: Path, cache_root: Path) -> None:
     """Build the metrics once per worker, each library on one thread (the other workers have the other cores)."""
+    import signal
+
     import cv2
 
     from probe.store.features import FeatureCache
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
     cv2.setNumThreads(1)
     ctx = ScoringContext(features=FeatureCache(cache_root), device="cpu", base_dir=base_dir, cpu_threads=1)
     _WORKER["ctx"] = ctx

@@ -72,6 +72,8 @@ def score_images(prepared: list[PreparedMetric], rows: pd.DataFrame, run_dir: Pa
         try:
             for chunk, images, futures in chunks:
                 remote = _collect(futures, ctx, pool)
+                if futures and pool is not None and pool.broken and stop is not None and stop():
+                    break  # interrupted: the workers were ended with the chunk; the next pass does it
                 new_rows: list[dict[str, Any]] = []
                 for w in wanted:
                     new_rows += _metric_rows(w, chunk, images, remote.get(w.label), ctx, by_sid_rows, failures)
