@@ -59,6 +59,8 @@ class StreamingScorer:
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="probe-score-stream", daemon=True)
         self._thread.start()
+        if scoring.pool is not None:
+            scoring.pool.start()  # worker start-up overlaps the pipeline's loading
 
     def offer(self, results: Sequence[JobResult]) -> None:
         """A batch is durable and logged: its images may be scored."""

@@ -110,6 +110,12 @@ class CpuPool:
         """Whether a pass should send these metrics to the workers (all of them pooled, the pool working)."""
         return bool(labels) and labels <= set(self.metrics) and self.workers > 0 and not self.broken
 
+    def start(self) -> None:
+        """Start the workers now (their interpreters and metrics take seconds), so that they are ready by the
+        time the first images are: the scorer beside generation calls this while the pipeline loads."""
+        if self.workers > 0 and self.metrics and not self.broken:
+            self.submit([])
+
     def submit(self, task: Task) -> Future[Result]:
         if self._pool is None:
             # spawn, not fork: the parent runs torch and generation threads, which a forked child would inherit
