@@ -277,3 +277,28 @@ def test_ctrl_c_while_workers_score_exits_promptly_and_the_rerun_doubles_nothing
     scores = read_scores(next((tmp_path / "out").glob("interrupt/2*")))
     assert scores.groupby("series").size().to_dict() == {name: 144 for name in (
         "clip_score", "ocr_cer", "ocr_detected", "ocr_exact", "ocr_f1")}
+
+
+def test_an_unreadable_image_fails_alone_for_each_metric_of_the_shared_pass(tmp_path, two_runs):
+    from probe.score.protocol import ScoringContext
+    from probe.score.scorer import prepare_metrics, score_run
+    from probe.spec.schema import MetricSpec
+    from probe.store.features import FeatureCache
+    from probe.store.tables import ScoresTable
+
+    _, after, _ = two_runs
+    run = tmp_path / "run"
+    jobs = _copy_unscored(after, run)
+    jobs = jobs[jobs["probe"] == "people"].drop_duplicates("key")
+    broken = jobs.iloc[2]
+    (run / broken["image"]).unlink()
+    (run / broken["image"]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    ctx = ScoringContext(features=FeatureCache(tmp_path / "cache"), clip_model="tiny", run_dir=run, all_tiny=True)
+    names = ["faces", "clip_score"]
+    prepared = prepare_metrics({"people": [MetricSpec(name=n) for n in names]}, ctx)
+    sink = ScoresTable(run)
+    counts = score_run(run, jobs, prepared, ctx, sink=sink)
+    assert sorted(f["error"].split(":")[0] for f in counts.failures) == ["score clip_score", "score faces"]
+    assert {f["key"] for f in counts.failures} == {broken["key"]}
+    scored = sink.frame
+    assert broken["key"] not in set(scored["key"]) and scored["key"].nunique() == len(jobs) - 1

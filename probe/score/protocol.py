@@ -61,7 +61,7 @@ class ImageItem:
             return self
         try:
             return replace(self, pixels=self.open())
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - unreadable, truncated, a decompression bomb: each metric records it
             return self
 
 
