@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,23 +98,43 @@ def clip_dtype(device: str) -> str:
     return "float16" if device.startswith("cuda") else "float32"
 
 
+class _LazyModel:
+    """The CLIP weights, loaded on the first embedding rather than when the run starts: the metrics are built
+    (and their files checked) in pre-flight, but the weights only take memory once scoring begins."""
+
+    def __init__(self, load: Callable[[], Any], device: str, dtype: Any) -> None:
+        self._load, self._device, self._dtype = load, device, dtype
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Any:
+        with self._lock:  # the scorer thread and the final pass never overlap, but a user's threads might
+            if self._model is None:
+                self._model = self._load().to(device=self._device, dtype=self._dtype).eval()
+            return self._model
+
+
 def _hf_encoders(model: Any, processor: Any, device: str, model_id: str, revision: str,
-                 dtype: str = "float32") -> Encoders:
+                 dtype: str = "float32", text_positions: int | None = None) -> Encoders:
+    """Encoders over a CLIPModel, or a function loading one (then `text_positions`, the text config's
+    max_position_embeddings, stands in for the model's config until it is loaded)."""
     import torch
 
     torch_dtype = getattr(torch, dtype)
-    model = model.to(device=device, dtype=torch_dtype).eval()
+    get_model = _LazyModel(model if callable(model) and not isinstance(model, torch.nn.Module) else lambda: model,
+                           device, torch_dtype)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    max_tokens = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+    positions = text_positions if text_positions is not None else get_model().config.text_config.max_position_embeddings
+    max_tokens = min(tokenizer.model_max_length, positions)
 
     def encode_images(images: list[Image.Image]) -> Any:
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return model.get_image_features(pixel_values=pixels.to(device=device, dtype=torch_dtype))
+        return get_model().get_image_features(pixel_values=pixels.to(device=device, dtype=torch_dtype))
 
     def encode_texts(texts: list[str]) -> Any:
         # Explicit truncation keeps the end token that CLIP pools at (slicing ids would drop it).
         tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-        return model.get_text_features(
+        return get_model().get_text_features(
             input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
         )
 
@@ -167,7 +188,7 @@ def _snapshot_lacks(folder: Path) -> list[str]:
 def _load_hub(model_id: str, revision: str, device: str, dtype: str) -> Encoders:
     """From the local HF cache only; the snapshot folder's name is the resolved commit."""
     from huggingface_hub import constants, try_to_load_from_cache
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     found = try_to_load_from_cache(model_id, "config.json", revision=revision)
     if not isinstance(found, str):
@@ -177,23 +198,42 @@ def _load_hub(model_id: str, revision: str, device: str, dtype: str) -> Encoders
     if lacks:
         raise _not_cached(model_id, revision, f"its cached snapshot {snapshot} lacks {', '.join(lacks)}")
     try:
-        model = CLIPModel.from_pretrained(snapshot, local_files_only=True)
+        config = CLIPConfig.from_pretrained(snapshot, local_files_only=True)
         processor = CLIPProcessor.from_pretrained(snapshot, local_files_only=True)
     except OSError as error:
         raise _not_cached(model_id, revision, f"incomplete in the cache ({error})") from error
-    return _hf_encoders(model, processor, device, model_id, snapshot.name, dtype)
+
+    def load() -> Any:
+        return CLIPModel.from_pretrained(snapshot, local_files_only=True)
+
+    return _hf_encoders(load, processor, device, model_id, snapshot.name, dtype, _text_positions(config))
 
 
 def _load_folder(folder: Path, device: str, dtype: str) -> Encoders:
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
+    lacks = _snapshot_lacks(folder)
+    if lacks:
+        raise ProbeError(f"cannot load a CLIP model from folder {folder}: it lacks {', '.join(lacks)}")
     try:
-        model = CLIPModel.from_pretrained(folder, local_files_only=True)
+        config = CLIPConfig.from_pretrained(folder, local_files_only=True)
         processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     except OSError as error:
         raise ProbeError(f"cannot load a CLIP model from folder {folder}: {error}") from error
     revision = _fingerprint([path for path in folder.iterdir() if path.is_file()])
-    return _hf_encoders(model, processor, device, str(folder), revision, dtype)
+
+    def load() -> Any:
+        try:
+            return CLIPModel.from_pretrained(folder, local_files_only=True)
+        except OSError as error:
+            raise ProbeError(f"cannot load a CLIP model from folder {folder}: {error}") from error
+
+    return _hf_encoders(load, processor, device, str(folder), revision, dtype, _text_positions(config))
+
+
+def _text_positions(config: Any) -> int:
+    """The text encoder's max_position_embeddings, read from the config without loading the weights."""
+    return int(config.text_config.max_position_embeddings)
 
 
 def _load_tiny(device: str, dtype: str) -> Encoders:
