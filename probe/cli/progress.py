@@ -89,6 +89,7 @@ class SideProgress:
         self._label = label
         self._task: TaskID | None = None
         self._progress: Progress | None = None
+        self._total = 0
 
     def start(self, total: int) -> None: ...
 
@@ -96,11 +97,10 @@ class SideProgress:
         owner = self._owner
         owner._ensure_running()
         if self._task is None or self._progress is not owner._progress:  # the owner moved on to fresh bars
-            self._progress = owner._progress
+            self._progress, self._total = owner._progress, 0
             self._task = self._progress.add_task(f"  {self._label}", total=0)
-        assert self._progress is not None
-        task = self._progress.tasks[[t.id for t in self._progress.tasks].index(self._task)]
-        self._progress.update(self._task, total=(task.total or 0) + total)
+        self._total += total
+        self._progress.update(self._task, total=self._total)
 
     def advance(self, n: int) -> None:
         if self._task is not None and self._progress is not None:

@@ -195,8 +195,6 @@ def _stream(run: RunDir, jobs: Sequence[Job], todo: Sequence[Job], scoring: Scor
     """The scorer working beside generation, when there is something to generate and to score."""
     if not (options.stream_scoring and todo and scoring.prepared):
         return None
-    from probe.run.streaming import StreamingScorer
-
     scoring.ctx.run_dir = run.path
     side = getattr(progress, "side", None)
     waiting = {job.key for job in todo}
@@ -262,7 +260,7 @@ def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring, pr
         scoring.ctx.run_dir = run_dir
         try:
             counts = score_run(run_dir, frame, scoring.prepared, scoring.ctx, progress,
-                               sink=sink or scoring.sink(run_dir), pool=scoring.pool)
+                               sink=sink if sink is not None else scoring.sink(run_dir), pool=scoring.pool)
             configs, failures = counts.configs, counts.failures
         finally:
             progress.finish()

@@ -55,8 +55,6 @@ class StreamingScorer:
         self._complete: set[tuple[object, ...]] = set()
         self._cond = threading.Condition()
         self._closing = False
-        self.scored = 0
-        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="probe-score-stream", daemon=True)
         self._thread.start()
         if scoring.pool is not None:
@@ -108,7 +106,6 @@ class StreamingScorer:
             while (taken := self._take()) is not None:
                 self._score(*taken)
         except Exception as exc:  # noqa: BLE001 - the final pass scores whatever this thread could not
-            self.error = exc
             if self._closing:  # the run is stopping (Ctrl-C): what failed here is the interruption itself
                 log.debug("streaming scorer stopped while closing", exc_info=True)
                 return
@@ -124,7 +121,6 @@ class StreamingScorer:
             rows = self._planned[self._planned["key"].isin(fresh)]
             score_run(self._run.path, rows, self._images, ctx, self._progress, sink=self._sink,
                       pool=self._scoring.pool, kinds=frozenset({"image"}), stop=self._stopping)
-            self.scored += len(fresh)
         newly = {g for g, keys in self._groups.items() if g not in self._complete and keys <= ready}
         if newly and self._sets and not self._closing:
             self._complete |= newly

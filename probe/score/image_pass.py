@@ -66,7 +66,6 @@ def score_images(prepared: list[PreparedMetric], rows: pd.DataFrame, run_dir: Pa
                 w.pooled = True
     if progress is not None:
         progress.group(f"score {', '.join(w.label for w in wanted)} ({prepared[0].probe})", len(union))
-    by_sid_rows = rows.assign(score_id=score_ids(rows))
     with ThreadPoolExecutor(DECODERS, thread_name_prefix="probe-decode") as decoders:
         chunks = _decoded(rounds(union), wanted, pool, decoders)
         try:
@@ -76,7 +75,7 @@ def score_images(prepared: list[PreparedMetric], rows: pd.DataFrame, run_dir: Pa
                     break  # interrupted: the workers were ended with the chunk; the next pass does it
                 new_rows: list[dict[str, Any]] = []
                 for w in wanted:
-                    new_rows += _metric_rows(w, chunk, images, remote.get(w.label), ctx, by_sid_rows, failures)
+                    new_rows += _metric_rows(w, chunk, images, remote.get(w.label), ctx, rows, failures)
                 sink.add(new_rows)
                 if progress is not None:
                     progress.advance(len(chunk))

@@ -114,18 +114,16 @@ class _LazyModel:
             return self._model
 
 
-def _hf_encoders(model: Any, processor: Any, device: str, model_id: str, revision: str,
-                 dtype: str = "float32", text_positions: int | None = None) -> Encoders:
-    """Encoders over a CLIPModel, or a function loading one (then `text_positions`, the text config's
-    max_position_embeddings, stands in for the model's config until it is loaded)."""
+def _hf_encoders(load: Callable[[], Any], processor: Any, device: str, model_id: str, revision: str,
+                 dtype: str, text_positions: int) -> Encoders:
+    """Encoders over the CLIPModel `load` returns, loaded on first use; `text_positions` (the text config's
+    max_position_embeddings, `_text_positions`) is known before the weights are."""
     import torch
 
     torch_dtype = getattr(torch, dtype)
-    get_model = _LazyModel(model if callable(model) and not isinstance(model, torch.nn.Module) else lambda: model,
-                           device, torch_dtype)
+    get_model = _LazyModel(load, device, torch_dtype)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    positions = text_positions if text_positions is not None else get_model().config.text_config.max_position_embeddings
-    max_tokens = min(tokenizer.model_max_length, positions)
+    max_tokens = min(tokenizer.model_max_length, text_positions)
 
     def encode_images(images: list[Image.Image]) -> Any:
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -240,7 +238,8 @@ def _load_tiny(device: str, dtype: str) -> Encoders:
     from probe.embedded.tiny_clip import TINY_CLIP_REVISION, build_tiny_clip
 
     model, processor = build_tiny_clip()
-    return _hf_encoders(model, processor, device, "tiny", TINY_CLIP_REVISION, dtype)
+    return _hf_encoders(lambda: model, processor, device, "tiny", TINY_CLIP_REVISION, dtype,
+                        _text_positions(model.config))
 
 
 def _load_open_clip(arch: str, weights: Path, device: str, dtype: str) -> Encoders:
