@@ -1,4 +1,7 @@
-"""Per-image bookkeeping of the scores table as a run grows: does a chunk cost the same at 100k rows as at 1k?
+"""Per-image bookkeeping as a run grows: does a chunk cost the same at 100k rows as at 1k?
+
+Two stores are grown: the scores table (with its score cache) and the feature cache (CLIP-L/14-sized
+768-float vectors, one chunk of 64 looked up and written per call, as the CLIP backend does).
 
     python benchmarks/growth.py                       # 1k, 10k and 100k rows, and the old rewrite at each size
     python benchmarks/growth.py --sizes 1000 10000 --old-chunks 0 --repeats 1
@@ -18,15 +21,18 @@ resume, the final compaction) are printed after. Every write is fsynced: the fig
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from probe.store.atomic import write_parquet_atomic
+from probe.store.atomic import atomic_write_bytes, write_parquet_atomic
+from probe.store.features import FeatureCache
 from probe.store.score_cache import ScoreCache
 from probe.store.tables import SCORE_COLUMNS, ScoresTable, compact_scores, detail_of, read_scores, scores_to_arrow
 
@@ -68,6 +74,40 @@ def grow(folder: Path, sizes: list[int]) -> tuple[dict[int, list[float]], ScoreC
     return windows, cache, once
 
 
+def grow_features(folder: Path, sizes: list[int], width: int = 768) -> dict[int, list[float]]:
+    """Seconds per vector of FeatureCache.get_or_compute on 64 new images, by size window (compute is free)."""
+    cache = FeatureCache(folder / "features-cache")
+    vectors = np.random.default_rng(0).standard_normal((CHUNK, width)).astype("float32")
+    windows: dict[int, list[float]] = {n: [] for n in sizes}
+    written = 0
+    while written < max(sizes):
+        items = [f"{i:064x}" for i in range(written, written + CHUNK)]
+        started = time.perf_counter()
+        cache.get_or_compute("open_clip:ViT-L-14|openai|image", items, lambda indices: vectors[: len(indices)])
+        seconds = (time.perf_counter() - started) / CHUNK
+        written += CHUNK
+        for n in sizes:
+            if n // 2 < written <= n:
+                windows[n].append(seconds)
+    cache.close()
+    return windows
+
+
+def old_feature_files(folder: Path, chunks: int, width: int = 768) -> list[float]:
+    """Seconds per vector of the old layout: one .npy per (extractor, image), each written atomically (fsynced)."""
+    vector = np.random.default_rng(0).standard_normal(width).astype("float32")
+    times = []
+    for chunk in range(chunks):
+        started = time.perf_counter()
+        for i in range(CHUNK):
+            key = f"{chunk * CHUNK + i:064x}"
+            buffer = io.BytesIO()
+            np.save(buffer, vector, allow_pickle=False)
+            atomic_write_bytes(folder / "old-features" / key[:2] / f"{key}.npy", buffer.getvalue())
+        times.append((time.perf_counter() - started) / CHUNK)
+    return times
+
+
 def old_rewrite(folder: Path, n: int, chunks: int, cache: ScoreCache) -> list[float]:
     """Seconds per row of the old ScoresTable.add at n rows: concat the frame, rewrite the whole file, cache."""
     frame = pd.DataFrame(rows(0, n), columns=SCORE_COLUMNS)
@@ -96,6 +136,7 @@ def main() -> None:
     sizes = sorted(args.sizes)
     medians: dict[int, list[float]] = {n: [] for n in sizes}
     means: dict[int, list[float]] = {n: [] for n in sizes}
+    feature_medians: dict[int, list[float]] = {n: [] for n in sizes}
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             folder = Path(tmp)
@@ -105,7 +146,11 @@ def main() -> None:
                 means[n].append(statistics.mean(windows[n]))
             if repeat == args.repeats - 1:  # the old rewrite once, on the last growth's cache
                 old = {n: old_rewrite(folder, n, args.old_chunks, cache) for n in sizes} if args.old_chunks else {}
+                old_files = old_feature_files(folder, max(args.old_chunks, 1))
             cache.close()
+            features = grow_features(folder, sizes)
+            for n in sizes:
+                feature_medians[n].append(statistics.median(features[n]))
     us = 1e6
     print(f"per-row bookkeeping, ScoresTable.add of {CHUNK}-row chunks (fsynced parts + score cache)\n")
     print("| rows | chunks timed | parts: median | parts: mean | old rewrite: median |")
@@ -120,6 +165,15 @@ def main() -> None:
     print(f"\nper-row time {high:,} / {low:,} rows: {ratio:.2f} (median), {mean_ratio:.2f} (mean); target <= 1.5")
     if old:
         print(f"old rewrite {high:,} / {low:,} rows: {statistics.median(old[high]) / statistics.median(old[low]):.1f}")
+    print("\nper-vector bookkeeping, FeatureCache.get_or_compute of 64 new 768-float vectors (one SQLite commit)\n")
+    print("| vectors | median |")
+    print("|---|---|")
+    for n in sizes:
+        print(f"| {n:,} | {min(feature_medians[n]) * us:.0f} µs |")
+    feature_ratio = min(feature_medians[high]) / min(feature_medians[low])
+    print(f"\nper-vector time {high:,} / {low:,} vectors: {feature_ratio:.2f} (median); target <= 1.5")
+    print(f"old layout (one fsynced .npy per vector): {statistics.median(old_files) * us:.0f} µs per vector, "
+          f"{statistics.median(old_files) / min(feature_medians[high]):.0f}x the database at {high:,}")
     print(f"\none-off costs at {high:,} rows (last growth):")
     for what, seconds in once.items():
         print(f"  {what}: {seconds:.2f} s")

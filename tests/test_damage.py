@@ -78,8 +78,12 @@ def _append(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def _feature_files(root: Path) -> list[Path]:
-    return sorted((root / "cache" / "features").rglob("*.npy"))
+def _feature_blob(root: Path, dtype: str, data: bytes) -> None:
+    """Overwrite one stored vector of the feature database (the first by key order)."""
+    with sqlite3.connect(root / "cache" / "features.sqlite") as db:
+        extractor, item = db.execute("SELECT extractor, item FROM features ORDER BY item LIMIT 1").fetchone()
+        db.execute("UPDATE features SET dtype = ?, data = ? WHERE extractor = ? AND item = ?", (dtype, data, extractor,
+                                                                                               item))
 
 
 def _flip(path: Path) -> None:
@@ -102,8 +106,9 @@ REPAIRED: dict[str, Callable[[Path], None]] = {
     "score cache: not a database": lambda r: _garbage_db(r / "cache" / "scores.sqlite"),
     "score cache: records that do not parse": lambda r: _bad_records(r / "cache" / "scores.sqlite"),
     "score cache: an image with part of its rows": lambda r: _partial_record(r / "cache" / "scores.sqlite"),
-    "feature cache: truncated vector": lambda r: _feature_files(r)[0].write_bytes(b"\x93NUMPY"),
-    "feature cache: vector of another width": lambda r: np.save(_feature_files(r)[0], np.ones(5)),
+    "feature cache: torn vector": lambda r: _feature_blob(r, "<f4", b"\x93NUMPY"),
+    "feature cache: vector of another width": lambda r: _feature_blob(r, "<f8", np.ones(5).tobytes()),
+    "feature cache: not a database": lambda r: _garbage_db(r / "cache" / "features.sqlite"),
     "scores.parquet: truncated": lambda r: _truncate(_unfinished(r) / "scores.parquet"),
     "jobs.parquet: truncated": lambda r: _truncate(_unfinished(r) / "jobs.parquet"),
     "manifest.json: truncated": lambda r: _truncate(_run_dir(r) / "manifest.json"),

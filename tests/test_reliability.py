@@ -24,7 +24,6 @@ from probe.run.driver import run_suite
 from probe.run.folder import RunDir
 from probe.run.options import RunOptions
 from probe.run.records import JobResult
-from probe.store.atomic import atomic_write_bytes
 from probe.store.features import FeatureCache
 from probe.store.images import ImageStore, verify_png
 from probe.store.score_cache import ScoreCache
@@ -136,25 +135,45 @@ def test_an_image_counts_as_scored_only_with_every_row_its_metric_writes(tmp_pat
     assert table.reuse("ocr1", ["s"]) == {"s"}  # a metric that declares no outputs takes what is there
 
 
+def _set_blob(path: Path, extractor: str, item: str, dtype: str, data: bytes) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE features SET dtype = ?, data = ? WHERE extractor = ? AND item = ?", (dtype, data, extractor,
+                                                                                               item))
+
+
 def test_corrupt_feature_vectors_are_recomputed(tmp_path):
     cache = FeatureCache(tmp_path)
     calls: list[list[int]] = []
 
     def compute(indices: list[int]) -> np.ndarray:
         calls.append(list(indices))
-        return np.full((len(indices), 4), 2.0)
+        return np.full((len(indices), 4), 2.0, dtype=np.float32)
 
-    cache.get_or_compute("x", ["a", "b", "c"], compute)
-    path = cache._path("x", "a")
-    path.write_bytes(path.read_bytes()[:30])  # truncated
-    np.save(cache._path("x", "b"), np.ones(9))  # another width
-    atomic_write_bytes(cache._path("x", "c"), b"\x93NUMPY garbage")
+    cache.get_or_compute("x", ["a", "b", "c", "d", "e"], compute)
+    cache.close()
+    database = tmp_path / "features.sqlite"
+    _set_blob(database, "x", "a", "<f4", b"\x00\x00\x80")  # torn: not a whole float
+    _set_blob(database, "x", "b", "<f8", np.ones(9).tobytes())  # another width
+    _set_blob(database, "x", "c", "|O", b"\x93NUMPY garbage")  # not a float type
+    _set_blob(database, "x", "d", "<f4", np.array([1.0, np.nan, 0, 0], dtype="<f4").tobytes())  # not finite
     calls.clear()
-    out = cache.get_or_compute("x", ["a", "b", "c"], compute)
-    assert out.shape == (3, 4) and (out == 2.0).all() and sorted(i for c in calls for i in c) == [0, 1, 2]
+    out = FeatureCache(tmp_path).get_or_compute("x", ["a", "b", "c", "d", "e"], compute)
+    assert out.shape == (5, 4) and (out == 2.0).all() and sorted(i for c in calls for i in c) == [0, 1, 2, 3]
+    assert len(list((tmp_path / "quarantine" / "features").glob("*.bin"))) == 4  # kept for a person to inspect
     calls.clear()
-    cache.get_or_compute("x", ["a", "b", "c"], compute)
+    FeatureCache(tmp_path).get_or_compute("x", ["a", "b", "c", "d", "e"], compute)
     assert calls == []
+
+
+def test_a_feature_database_that_does_not_open_is_moved_aside(tmp_path):
+    FeatureCache(tmp_path).put("x", "a", np.ones(3))
+    (tmp_path / "features.sqlite").write_bytes(b"not a database " * 100)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"features.sqlite{suffix}").unlink(missing_ok=True)
+    cache = FeatureCache(tmp_path)
+    assert cache.get("x", "a") is None and list(tmp_path.glob("features.sqlite.corrupt-*"))
+    cache.put("x", "a", np.ones(3))
+    assert (FeatureCache(tmp_path).get("x", "a") == 1.0).all()
 
 
 def test_a_corrupt_scores_table_is_repaired_by_run_and_refused_clearly_by_readers(write_suite, tmp_path):

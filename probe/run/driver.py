@@ -234,7 +234,7 @@ class Scoring:
         from probe.store.score_cache import ScoreCache
         from probe.store.tables import ScoresTable
 
-        return ScoresTable(run_dir, ScoreCache(self.ctx.features.root.parent)) if self.prepared else None
+        return ScoresTable(run_dir, ScoreCache(self.ctx.features.cache_root)) if self.prepared else None
 
     def close(self) -> None:
         """Stop the CPU workers, if they were started."""

@@ -351,7 +351,7 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     pool = cpu_pool_for(per_probe, ctx, request.score_workers, len(jobs))
     try:
         counts = score_run(run.path, jobs, per_probe, ctx, progress,
-                           sink=ScoresTable(run.path, ScoreCache(ctx.features.root.parent)), pool=pool)
+                           sink=ScoresTable(run.path, ScoreCache(ctx.features.cache_root)), pool=pool)
     finally:
         pool.close()
     scores = compact_scores(run.path)  # the parts of this pass, folded into scores.parquet

@@ -71,8 +71,11 @@ def _forget(keys: set[str], probes: set[str], store: ImageStore, run: RunDir) ->
     from probe.store.score_cache import ScoreCache
     from probe.store.tables import ScoresTable
 
-    FeatureCache(store.root).forget(keys)
-    ScoreCache(store.root).forget_keys(keys)
+    features, scores = FeatureCache(store.root), ScoreCache(store.root)
+    features.forget(keys)
+    scores.forget_keys(keys)
+    features.close()
+    scores.close()
     ScoresTable(run.path).forget(keys, probes)
     log.warning("%d image(s) were bad and are generated again; their scores and features are recomputed", len(keys))
 

@@ -101,7 +101,7 @@ class CpuPool:
     def __init__(self, metrics: list[PooledMetric], ctx: ScoringContext, workers: int | None = None) -> None:
         self.metrics = {m.label: m for m in metrics}
         self.base_dir = ctx.base_dir
-        self.cache_root = ctx.features.root.parent  # FeatureCache(root) keeps its vectors in root/features
+        self.cache_root = ctx.features.cache_root
         self.workers = machine_cores() if workers is None else max(0, workers)
         self._pool: ProcessPoolExecutor | None = None
         self.broken = False

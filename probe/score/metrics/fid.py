@@ -116,7 +116,7 @@ def reference_stats_path(extractor: FeatureExtractor, reference: ImageSet, cache
     material = {"extractor": extractor.id, "mode": extractor.mode, "keys": sorted(i.key for i in reference.items)}
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", extractor.id)[:80]
-    return cache.root / "refstats" / f"{safe}-{extractor.mode}-{digest[:40]}.npz"
+    return cache.cache_root / "refstats" / f"{safe}-{extractor.mode}-{digest[:40]}.npz"
 
 
 def reference_stats(extractor: FeatureExtractor, reference: ImageSet, cache: FeatureCache) -> ReferenceStats:
