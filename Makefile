@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e '.[test]' $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[test,ray]' $(TORCH_PINS)
 	touch $@
 
 install: $(BIN)/.installed

@@ -236,7 +236,7 @@ def test_score_set_record_and_reference_stats_cache(fake):
     second = fid_module.Kid(n_subsets=5).score_set(fake.images, fake.reference, fake.ctx)
     assert len(fake.extractor.calls) == 3 and all(k.startswith("img") for k in fake.extractor.calls[-1])
     assert second.value == pytest.approx(kid(_rows(fake, fake.images), _rows(fake, fake.reference), 50, 5)[0])
-    assert len(list((fake.ctx.features.root / "refstats").glob("*-raw-*.npz"))) == 1
+    assert len(list((fake.ctx.features.cache_root / "refstats").glob("*-raw-*.npz"))) == 1
 
 
 def test_reference_cache_key_covers_extractor_and_keys(fake):

@@ -59,6 +59,12 @@ def run(
         min=0, help="Processes for faces, skin tone and OCR (default: one per core; 0: in-process).")] = None,
     stream: Annotated[bool, typer.Option(
         "--stream/--no-stream", help="Score each batch as soon as it is written, beside generation.")] = True,
+    executor: Annotated[str, typer.Option(
+        help="local (this process) or ray (Ray actors, one per GPU; needs pip install 'probe[ray]').")] = "local",
+    address: Annotated[str | None, typer.Option(
+        help="With --executor ray: the cluster to join (HOST:PORT or auto; default: a local Ray).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="With --executor ray: generation actors (default: one per GPU, or per two CPUs).")] = None,
 ) -> None:
     """Plan, generate what is not cached yet, score and write the report. Resumes interrupted runs."""
     from probe.cli.progress import RichProgress
@@ -66,7 +72,8 @@ def run(
 
     options = RunOptions(model_override=model, limit=limit, reports_root=out_dir, device=device, batch_size=batch_size,
                          cache_dir=cache_dir, new_run=new, clip_model=clip_model, debug=debug, max_jobs=max_jobs,
-                         score_workers=score_workers, stream_scoring=stream)
+                         score_workers=score_workers, stream_scoring=stream, executor=executor, address=address,
+                         workers=workers)
     try:
         summary = run_suite(suite, options, RichProgress(err))  # checks the options and --max-jobs first
     except ProbeError as exc:

@@ -43,6 +43,7 @@ class JobOutcome(BaseModel):
     seconds: float | None = Field(default=None, description="Wall seconds per image: the pipeline call that "
                                                             "made it, divided by that call's batch size.")
     error: str | None = Field(default=None, description="'ExceptionType: message' when the job failed.")
+    device: str | None = Field(default=None, description="The device that made it (a CUDA card's name).")
 
     @model_validator(mode="after")
     def _png_or_error(self) -> JobOutcome:
@@ -235,6 +236,15 @@ def encode_made(made: Sequence[Made]) -> list[JobOutcome]:
     return outcomes
 
 
+def device_name(device: str) -> str:
+    """The card's name on CUDA (`NVIDIA H100 80GB HBM3`), else the device string."""
+    if device.startswith("cuda"):
+        import torch
+
+        return str(torch.cuda.get_device_name(torch.device(device)))
+    return device
+
+
 class LocalExecutor:
     """Today's in-process executor: each pipeline loaded once, its batches run in order on one device.
 
@@ -251,7 +261,12 @@ class LocalExecutor:
     def run(self, batches: Sequence[Sequence[Job]], init_images: InitImages,
             progress: GroupProgress | None = None) -> Iterator[list[JobOutcome]]:
         """Per pipeline (first-appearance order): announce the group, load it, run its batches."""
-        return pipelined(self._generate(batches, init_images, progress), self.encode_workers, self.depth, encode_made)
+        name = device_name(self.device)
+
+        def encode(made: Sequence[Made]) -> list[JobOutcome]:
+            return [outcome.model_copy(update={"device": name}) for outcome in encode_made(made)]
+
+        return pipelined(self._generate(batches, init_images, progress), self.encode_workers, self.depth, encode)
 
     def _generate(self, batches: Sequence[Sequence[Job]], init_images: InitImages,
                   progress: GroupProgress | None) -> Iterator[list[Made]]:

@@ -95,17 +95,23 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
     progress = progress or NullProgress()
     options.check(Path(suite_path).parent)  # an --out, --cache-dir or --clip-model that would fail only later
     loaded = load_suite(suite_path, max_jobs=options.max_jobs)
-    device = resolve_device(options.device)
-    jobs = plan_jobs(loaded, model_override=options.model_override, limit=options.limit, device=device)
-    store = ImageStore(options.cache_dir)
-    suite_root = options.reports_root / loaded.suite.name
-    plan_hash = plan_sha256(jobs)
-    scoring = _preflight([j for j in jobs if not store.has(j.key)],  # before any folder is made or work started
-                         lambda: prepare_scoring(loaded, jobs, options, device))
-    executor = executor or choose_executor(options, device)
-    manifest = build_manifest(loaded, jobs, options, device, plan_hash)
+    device = resolve_device(options.device)  # scoring's, and generation's unless the executor has its own
     with ExitStack() as held:
+        if executor is None:
+            executor = choose_executor(options, device)
+            held.callback(getattr(executor, "close", lambda: None))
+        jobs = plan_jobs(loaded, model_override=options.model_override, limit=options.limit,
+                         device=getattr(executor, "device", device))  # under Ray: the cluster's device
+        store = ImageStore(options.cache_dir)
+        suite_root = options.reports_root / loaded.suite.name
+        plan_hash = plan_sha256(jobs)
+        missing = [j for j in jobs if not store.has(j.key)]
+        scoring = _preflight(missing,  # before any folder is made or work started
+                             lambda: prepare_scoring(loaded, jobs, options, device), getattr(executor, "preflight", None))
         held.callback(scoring.close)
+        if missing:
+            getattr(executor, "start", lambda: None)()  # Ray: workers up and checked before any folder exists
+        manifest = build_manifest(loaded, jobs, options, getattr(executor, "device", device), plan_hash)
         run, resumed, manifest = _open_run(suite_root, plan_hash, options.new_run, manifest, held)
         started = time.time()
         results = run.read_results()
@@ -127,6 +133,8 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
                 stream.close()
         finally:
             progress.finish()
+        if hasattr(executor, "describe"):  # where the images were made (Ray: the workers' devices)
+            manifest.device.update(executor.describe())
         results = run.read_results()
         run.write_jobs(jobs, results)
         counts, failures = _count(jobs, results)
@@ -271,12 +279,18 @@ def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring, pr
     return configs, failures
 
 
-def _preflight(todo: Sequence[Job], prepare: Callable[[], Scoring]) -> Scoring:
+def _preflight(todo: Sequence[Job], prepare: Callable[[], Scoring],
+               nodes: Callable[[Sequence[Job]], list[str]] | None = None) -> Scoring:
     """Check that every pipeline and LoRA the run will load is on disk (without loading them), then build the
     metrics with `prepare`; raise ONE ProbeError listing every problem of both, each with its fix, so a user
-    fixes everything in one go instead of meeting the problems one run at a time."""
+    fixes everything in one go instead of meeting the problems one run at a time.
+
+    `nodes` (the Ray executor's `preflight`) checks the pipelines on every node of a cluster instead of here.
+    """
     problems: list[str] = []
-    if todo:
+    if todo and nodes is not None:
+        problems += nodes(todo)
+    elif todo:
         from probe.generate.loading import job_problems
 
         seen: set[tuple[object, ...]] = set()
@@ -297,13 +311,17 @@ def _preflight(todo: Sequence[Job], prepare: Callable[[], Scoring]) -> Scoring:
 
 
 def choose_executor(options: RunOptions, device: str) -> Executor:
-    """The executor of a run: the in-process one today.
+    """The executor of a run: in-process (`local`), or Ray actors (`--executor ray`, connected here).
 
-    The one place an executor is picked: `--executor ray` (a RunOptions field) will return a RayExecutor
-    here. It is called after pre-flight and before any run folder exists, so an executor that cannot start
-    (a cluster out of reach) fails like missing weights do, with nothing made.
+    The one place an executor is picked. It is called before planning (a Ray cluster decides the jobs'
+    device) and before any run folder exists, so an executor that cannot start (a cluster out of reach, Ray
+    not installed) fails like missing weights do, with nothing made.
     """
-    return LocalExecutor(device)  # `options` has no executor choice yet
+    if options.executor == "ray":
+        from probe.generate.ray_executor import RayExecutor
+
+        return RayExecutor(address=options.address, workers=options.workers).connect()
+    return LocalExecutor(device)
 
 
 def _init_images(loaded: LoadedSuite, jobs: Sequence[Job]) -> dict[str, bytes]:

@@ -308,7 +308,7 @@ def _job_rows(rows: list[dict[str, str]], request: ScoreRequest, run: RunDir) ->
             # image, and a grid cell of its own (probe.analyse.pairing).
             "seed": int(row["seed"]) if row.get("seed") else None,
             "steps": int(row["steps"]) if row.get("steps") else None, "strength": None, "init_image": None,
-            "width": width, "height": height, "status": "cached", "image": relative, "seconds": None,
+            "width": width, "height": height, "status": "cached", "image": relative, "seconds": None, "device_name": None,
             "source_file": row["file"], "variables": json.dumps({k[4:]: v for k, v in extra.items()}, sort_keys=True), **extra,
         })
     frame = pd.DataFrame(records)

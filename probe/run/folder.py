@@ -216,6 +216,7 @@ def _job_row(job: Job, result: JobResult | None, image: str) -> dict[str, object
         "status": result.status if result else "missing",
         "image": image if result and result.status != "failed" else None,
         "seconds": result.seconds if result else None,
+        "device_name": result.device if result else None,
         "error": result.error if result else None,
     }
     row.update({f"var_{k}": v for k, v in job.variables.items()})

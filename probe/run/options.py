@@ -29,6 +29,12 @@ class RunOptions:
     """Worker processes for the CPU-bound metrics (faces, skin tone, OCR); None: one per core, 0: in-process."""
     stream_scoring: bool = True
     """Score each batch once it is durable, beside generation (`--no-stream` scores after generation ends)."""
+    executor: str = "local"
+    """Who generates: "local" (this process, the default) or "ray" (Ray actors; `pip install 'probe[ray]'`)."""
+    address: str | None = None
+    """Ray cluster to join (`HOST:PORT` or `auto`); None starts a local Ray on this machine."""
+    workers: int | None = None
+    """Ray generation actors (default: one per GPU, or one per two CPUs on a CPU cluster)."""
 
     def check(self, suite_dir: Path) -> None:
         """Refuse options that would only fail after the models had loaded: an `--out` or `--cache-dir` that
@@ -45,6 +51,12 @@ class RunOptions:
             problems.append(f"--clip-model: {problem}")
         if self.score_workers is not None and self.score_workers < 0:
             problems.append(f"--score-workers must be 0 (in-process) or more, not {self.score_workers}")
+        if self.executor not in ("local", "ray"):
+            problems.append(f"--executor must be local or ray, not {self.executor!r}")
+        elif self.executor == "local" and (self.address or self.workers):
+            problems.append("--address and --workers need --executor ray")
+        if self.workers is not None and self.workers < 1:
+            problems.append(f"--workers must be at least 1, not {self.workers}")
         if self.max_jobs is not None and self.max_jobs < 1:
             problems.append(f"--max-jobs must be at least 1, not {self.max_jobs}")
         if problems:

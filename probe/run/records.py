@@ -23,6 +23,7 @@ class JobResult(BaseModel):
     status: Literal["generated", "cached", "failed"]
     seconds: float | None = Field(default=None, description="Wall seconds per image (batch time / batch size).")
     error: str | None = None
+    device: str | None = Field(default=None, description="The device that made the image (a CUDA card's name).")
 
 
 class RunCounts(BaseModel):

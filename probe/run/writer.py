@@ -148,6 +148,6 @@ def _store_one(outcome: JobOutcome, store: ImageStore, run: RunDir) -> JobResult
     except OSError as exc:
         return ProbeError(f"cannot write into the run folder {run.path} ({exc}); fix that and run the same "
                           "command again to resume")
-    return JobResult(key=outcome.key, status="generated", seconds=outcome.seconds)
+    return JobResult(key=outcome.key, status="generated", seconds=outcome.seconds, device=outcome.device)
 
 
