@@ -139,7 +139,8 @@ def test_driver_writes_exactly_what_the_executor_returns(seam_suite: Path, tmp_p
     ledger = [json.loads(line) for line in (summary.run_dir / "progress.jsonl").read_text().splitlines()]
     by_key = {line["key"]: line for line in ledger}
     assert len(ledger) == len(by_key) == len(jobs)
-    assert all(by_key[job.key] == {"key": job.key, "status": "generated", "seconds": 0.25, "error": None}
+    assert all(by_key[job.key] == {"key": job.key, "status": "generated", "seconds": 0.25, "error": None,
+                                 "device": None}
                for job in good)
     bad = [job for job in jobs if job.prompt == "bad"]
     assert all(by_key[job.key]["status"] == "failed" and by_key[job.key]["error"] == "RuntimeError: boom (fake)"

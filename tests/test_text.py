@@ -252,3 +252,17 @@ def test_import_probe_does_not_import_rapidocr() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.strip() == "False"
+
+
+def test_the_ocr_engine_loads_its_models_on_the_first_image_not_in_pre_flight(tmp_path: Path):
+    """The metric's config (built in pre-flight, before generation) describes the engine without loading it."""
+    ctx = ScoringContext(features=FeatureCache(tmp_path / "cache"))
+    metric = Ocr()
+    config = metric.config(ctx)
+    engine = next(v for v in ctx._shared.values())
+    assert config["engine"] == "rapidocr" and engine._session is None
+    image = Image.new("RGB", (64, 64), "white")
+    path = tmp_path / "blank.png"
+    image.save(path)
+    metric.score([ImageItem(key="k", path=path, prompt="a sign", text="OPEN")], ctx)
+    assert engine._session is not None

@@ -95,6 +95,7 @@ class Dispatcher(Generic[W, C]):
         self.tick = tick
         self.workers: list[_Worker[W, C]] = []
         self.deaths = 0  # worker deaths seen (for the note and the tests)
+        self.recovered_at: list[float] = []  # time.monotonic() when a batch that lost its worker was yielded
 
     def start(self) -> None:
         """Start the workers (the backend checks each one); raises when not one can be started."""
@@ -137,6 +138,8 @@ class Dispatcher(Generic[W, C]):
                         yielded.add(outcome.key)
                         fresh.append(outcome)
                 if fresh:
+                    if entry.deaths:
+                        self.recovered_at.append(time.monotonic())
                     yield fresh
 
     def _fill(self, queue: deque[_Entry], owner: dict[Any, _Worker[W, C]]) -> None:

@@ -218,6 +218,7 @@ class RayExecutor:
         self.device = "cuda" if gpus else "cpu"
         self.workers = self.requested or (gpus if gpus else max(1, cpus // 2))
         if self.requested and gpus and self.requested > gpus:
+            self.close()
             raise UsageError(f"--workers {self.requested}: the cluster has {gpus} GPU(s), one worker each")
         return self
 

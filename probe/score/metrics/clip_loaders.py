@@ -243,30 +243,52 @@ def _load_tiny(device: str, dtype: str) -> Encoders:
 
 
 def _load_open_clip(arch: str, weights: Path, device: str, dtype: str) -> Encoders:
-    """open_clip architecture + weights file; only BPE-tokenizer archs (OpenAI/LAION ViTs such as ViT-H-14)."""
+    """open_clip architecture + weights file; only BPE-tokenizer archs (OpenAI/LAION ViTs such as ViT-H-14).
+
+    The weights load on the first embedding (like the Hugging Face encoders); the preprocessing they will use is
+    worked out now from the architecture's config, as open_clip does for a weights file, and checked against
+    open_clip's own transforms when the model loads, so the extractor id can never name another preprocessing.
+    """
+    from dataclasses import asdict
+
     import open_clip
     import torch
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
     if not weights.is_file():
         raise ProbeError(f"open_clip weights file {weights} not found (spec open_clip:{arch}:{weights})")
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights), device=device)
-    torch_dtype = getattr(torch, dtype)
-    model = model.to(dtype=torch_dtype).eval()
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ProbeError(f"open_clip has no architecture {arch!r} (spec open_clip:{arch}:{weights}); see "
+                         "open_clip.list_models()")
     tokenizer = open_clip.get_tokenizer(arch)
     if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer) or tokenizer.reduction_fn is not None:
         raise ProbeError(f"open_clip arch {arch!r} uses a tokenizer probe does not support (only CLIP BPE)")
+    settings = merge_preprocess_dict(asdict(PreprocessCfg()), config.get("preprocess_cfg", {}))
+    settings["size"] = config["vision_cfg"]["image_size"]
+    preprocess = image_transform_v2(PreprocessCfg(**settings), is_train=False)
+    preprocessing = "open_clip:" + " ".join(str(preprocess).split())
+    torch_dtype = getattr(torch, dtype)
+
+    def load() -> Any:
+        model, _, real = open_clip.create_model_and_transforms(arch, pretrained=str(weights), device=device)
+        if "open_clip:" + " ".join(str(real).split()) != preprocessing:
+            raise ProbeError(f"open_clip's preprocessing for {arch} with {weights.name} is not the one probe "
+                             f"derived from its config ({real} vs {preprocess}); report this with the spec")
+        return model
+
+    get_model = _LazyModel(load, device, torch_dtype)
 
     def encode_images(images: list[Image.Image]) -> Any:
         pixels = torch.stack([preprocess(image) for image in images])
-        return model.encode_image(pixels.to(device=device, dtype=torch_dtype))
+        return get_model().encode_image(pixels.to(device=device, dtype=torch_dtype))
 
     def encode_texts(texts: list[str]) -> Any:
-        return model.encode_text(tokenizer(texts).to(device))
+        return get_model().encode_text(tokenizer(texts).to(device))
 
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text)) + 2  # start and end tokens
 
-    preprocessing = "open_clip:" + " ".join(str(preprocess).split())
     return Encoders(f"open_clip:{arch}", _fingerprint([weights]), preprocessing, tokenizer.context_length,
                     encode_images, encode_texts, count_tokens, dtype)
 

@@ -110,8 +110,6 @@ class RapidOcrEngine:
 
     def __init__(self, text_score: float = 0.5, box_thresh: float = 0.5, det_limit_side_len: int = 736,
                  threads: int | None = None) -> None:
-        from rapidocr import RapidOCR
-
         self.models = bundled_rapidocr_models()
         self.thresholds = {"text_score": text_score, "box_thresh": box_thresh,
                            "det_limit_side_len": det_limit_side_len, "det_limit_type": "min"}
@@ -127,7 +125,18 @@ class RapidOcrEngine:
             **({"EngineConfig.onnxruntime.intra_op_num_threads": threads,
                 "EngineConfig.onnxruntime.inter_op_num_threads": 1} if threads else {}),
         }
-        self._engine = RapidOCR(params=params)
+        # The onnxruntime sessions are made on the first image, not here: the metric's config (and so this
+        # object) is built in pre-flight, and no scoring model should hold memory while the run generates.
+        self._params = params
+        self._session: Any = None
+
+    @property
+    def _engine(self) -> Any:
+        if self._session is None:
+            from rapidocr import RapidOCR
+
+            self._session = RapidOCR(params=self._params)
+        return self._session
 
     def describe(self) -> dict[str, Any]:
         """Engine, versions, model files and thresholds, for the manifest (and the config id)."""
