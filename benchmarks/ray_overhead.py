@@ -87,8 +87,8 @@ def main() -> None:
         killed = RayExecutor(workers=args.workers).connect()
         killer = Killer(killed)
         with_kill = timed_run(suite, folder / "kill", killed, killer, batch_size=args.batch_size)
-        assert killed.dispatcher is not None and killer.killed_at is not None
-        recovered = [t - killer.killed_at for t in killed.dispatcher.recovered_at]
+        assert killer.killed_at is not None
+        recovered = [t - killer.killed_at for t in killed.recovered_at]
         killed.close()
         ray.shutdown()
     print(f"{images} tiny images, batch size {args.batch_size}, {args.workers} Ray workers, {os.cpu_count()} cores\n")

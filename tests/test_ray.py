@@ -56,9 +56,10 @@ def _executor(**kw):
     return RayExecutor(workers=2, **kw).connect()
 
 
-def _run(suite: Path, root: Path, executor=None, progress=None, **options):
-    return run_suite(suite, RunOptions(reports_root=root / "out", cache_dir=root / "cache", **options),
-                     progress=progress, executor=executor)
+def _run(suite: Path, root: Path, executor=None, progress=None, executor_kind: str = "local", **options):
+    """run_suite with this executor object; `executor_kind` is what RunOptions says (scoring follows it)."""
+    return run_suite(suite, RunOptions(reports_root=root / "out", cache_dir=root / "cache", executor=executor_kind,
+                                       **options), progress=progress, executor=executor)
 
 
 def _ledger_keys(run_dir: Path) -> list[str]:
@@ -67,14 +68,21 @@ def _ledger_keys(run_dir: Path) -> list[str]:
     return [json.loads(line)["key"] for line in (run_dir / "progress.jsonl").read_text().splitlines() if line]
 
 
-def test_ray_makes_the_same_jobs_images_and_scores_as_the_local_executor(write_suite, tmp_path, local_ray):
+def test_ray_makes_the_same_jobs_images_and_scores_as_the_local_executor(write_suite, tmp_path, local_ray,
+                                                                         monkeypatch):
+    from probe.score.ray_pool import RayCpuPool
+
     suite = write_suite(SUITE)
     local = _run(suite, tmp_path / "local")
+    tasks: list[int] = []
+    submit = RayCpuPool.submit
+    monkeypatch.setattr(RayCpuPool, "submit", lambda self, task: tasks.append(len(task)) or submit(self, task))
     executor = _executor()
-    try:
-        remote = _run(suite, tmp_path / "ray", executor=executor)
+    try:  # OCR on a Ray actor (score_workers=1: the pool even for these few images), waiting for the GPUs' CPUs
+        remote = _run(suite, tmp_path / "ray", executor=executor, executor_kind="ray", score_workers=1)
     finally:
         executor.close()
+    assert tasks and sum(tasks) > 0  # the CPU metric went to the Ray actors
     assert remote.counts.generated == remote.counts.planned == 21 and not remote.failures
     drop = ["seconds"]
     pd.testing.assert_frame_equal(pd.read_parquet(local.run_dir / "jobs.parquet").drop(columns=drop),
@@ -239,3 +247,31 @@ def test_joining_a_cluster_by_address(write_suite, tmp_path):
     finally:
         _kill_session(head)
         shutil.rmtree(short_temp, ignore_errors=True)
+
+
+def test_probe_score_runs_the_cpu_metrics_on_ray_actors_with_the_same_scores(write_suite, tmp_path, local_ray,
+                                                                            monkeypatch):
+    from probe.run.external import ScoreRequest, score_images
+    from probe.score.ray_pool import RayCpuPool
+
+    made = _run(write_suite(SUITE.replace("seeds: 3", "seeds: 1")), tmp_path / "made")
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["file,prompt,text"]
+    for i, png in enumerate(sorted((made.run_dir / "images").rglob("*.png"))):
+        shutil.copy(png, images / f"{i}.png")
+        rows.append(f"{i}.png,a shop sign,OPEN")
+    (tmp_path / "prompts.csv").write_text("\n".join(rows) + "\n")
+    tasks: list[int] = []
+    submit = RayCpuPool.submit
+    monkeypatch.setattr(RayCpuPool, "submit", lambda self, task: tasks.append(len(task)) or submit(self, task))
+    results = {}
+    for executor in ("local", "ray"):
+        run_dir, counts = score_images(ScoreRequest(
+            images=images, prompts=tmp_path / "prompts.csv", metrics=("ocr", "skin_tone"), out=tmp_path / executor,
+            clip_model="tiny", cache_dir=tmp_path / f"cache-{executor}", score_workers=1, executor=executor))
+        assert not counts["failures"] and counts["computed"]
+        results[executor] = score_rows(run_dir)
+    pd.testing.assert_frame_equal(results["local"], results["ray"], rtol=1e-6)
+    assert sum(tasks) >= 2  # both metrics went to the Ray actors
+    assert ray.is_initialized()  # the Ray it found running is left running

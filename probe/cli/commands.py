@@ -56,7 +56,8 @@ def run(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (e.g. of a report that fails).")] = False,
     max_jobs: Annotated[int | None, typer.Option(min=1, help="Most jobs the suite may plan (default 100,000).")] = None,
     score_workers: Annotated[int | None, typer.Option(
-        min=0, help="Processes for faces, skin tone and OCR (default: one per core; 0: in-process).")] = None,
+        min=0, help="Processes for faces, skin tone and OCR (Ray actors with --executor ray; default: one per core, "
+                 "on Ray the cluster's CPUs minus one; 0: in-process).")] = None,
     stream: Annotated[bool, typer.Option(
         "--stream/--no-stream", help="Score each batch as soon as it is written, beside generation.")] = True,
     executor: Annotated[str, typer.Option(
@@ -148,7 +149,12 @@ def score(
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache (default: $PROBE_CACHE or the user cache).")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (e.g. of a report that fails).")] = False,
     score_workers: Annotated[int | None, typer.Option(
-        min=0, help="Processes for faces, skin tone and OCR (default: one per core; 0: in-process).")] = None,
+        min=0, help="Processes for faces, skin tone and OCR (Ray actors with --executor ray; default: one per core, "
+                 "on Ray the cluster's CPUs minus one; 0: in-process).")] = None,
+    executor: Annotated[str, typer.Option(
+        help="local, or ray: faces, skin tone and OCR on Ray actors (the cluster's CPUs minus one).")] = "local",
+    address: Annotated[str | None, typer.Option(
+        help="With --executor ray: the cluster to join (HOST:PORT or auto; default: a local Ray).")] = None,
 ) -> None:
     """Score images made elsewhere into a run directory that reports and notebooks read."""
     from probe.cli.progress import RichProgress
@@ -156,7 +162,7 @@ def score(
 
     request = ScoreRequest(images=images, prompts=prompts, metrics=tuple(metrics or ["clip_score"]),
                            reference=reference, out=out_dir, clip_model=clip_model, device=device, cache_dir=cache_dir,
-                           debug=debug, score_workers=score_workers)
+                           debug=debug, score_workers=score_workers, executor=executor, address=address)
     progress = RichProgress(err)
     try:
         run_dir, counts = score_images(request, progress)

@@ -193,6 +193,7 @@ class RayExecutor:
         self.dispatcher: Dispatcher[Any, Any] | None = None
         self.backend: RayBackend | None = None
         self.deaths = 0  # workers lost in closed runs (the live dispatcher counts its own)
+        self.recovered_at: list[float] = []  # when batches that lost their worker were yielded (Dispatcher)
         self._started_ray = False
 
     def connect(self) -> RayExecutor:
@@ -305,12 +306,17 @@ class RayExecutor:
             return []
         return [ray.get(w.handle.handle.pid.remote()) for w in self.dispatcher.workers if w.alive]
 
-    def close(self) -> None:
-        """Stop the workers and, if this executor started Ray, Ray itself."""
+    def release(self) -> None:
+        """Stop the generation workers (their resources go to scoring); Ray itself stays up until `close`."""
         if self.dispatcher is not None:
             self.deaths += self.dispatcher.deaths
+            self.recovered_at += self.dispatcher.recovered_at
             self.dispatcher.close()
             self.dispatcher = None
+
+    def close(self) -> None:
+        """Stop the workers and, if this executor started Ray, Ray itself."""
+        self.release()
         if self._started_ray:
             import ray
 

@@ -122,6 +122,8 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
         try:
             generate_all(todo, _init_images(loaded, todo), store, run, executor, options.batch_size, progress,
                          on_durable=stream.offer if stream else None)
+            # Ray: the generation actors give their CPUs and GPUs back, so scoring actors waiting for them start
+            getattr(executor, "release", lambda: None)()
         except BaseException:
             scoring.interrupted = True
             scoring.close()  # the CPU workers first: the scorer thread may be waiting on them
@@ -224,7 +226,8 @@ def prepare_scoring(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOption
     prepared = prepare_metrics(specs, ctx)
     cpu_probes = {p.probe for p in prepared if cpu_bound(p.metric)}
     images = len({j.key for j in jobs if j.probe in cpu_probes})
-    return Scoring(ctx=ctx, prepared=prepared, pool=cpu_pool_for(prepared, ctx, options.score_workers, images))
+    pool = cpu_pool_for(prepared, ctx, options.score_workers, images, on_ray=options.executor == "ray")
+    return Scoring(ctx=ctx, prepared=prepared, pool=pool)
 
 
 @dataclass

@@ -51,6 +51,10 @@ class ScoreRequest:
     debug: bool = False
     score_workers: int | None = None
     """Processes for the CPU-bound metrics; None: one per core, 0: in-process."""
+    executor: str = "local"
+    """"ray": the CPU-bound metrics run on Ray actors (the cluster's CPUs minus one, or `score_workers`)."""
+    address: str | None = None
+    """The Ray cluster to join with executor "ray" (None: a local Ray for this command)."""
 
 
 def read_prompt_table(path: Path) -> list[dict[str, str]]:
@@ -327,6 +331,10 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     from probe.store.tables import ScoresTable, compact_scores
 
     rows, specs = check_request(request)
+    if request.executor not in ("local", "ray"):
+        raise UsageError(f"--executor must be local or ray, not {request.executor!r}")
+    if request.address and request.executor != "ray":
+        raise UsageError("--address needs --executor ray")
     device = resolve_device(request.device)
     ctx = ScoringContext(features=FeatureCache(request.cache_dir), device=device,
                          clip_model=request.clip_model, base_dir=Path.cwd())
@@ -348,12 +356,19 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     run.write_manifest(manifest)
     ctx.run_dir = run.path
     per_probe = [replace(p, probe=probe) for probe in jobs["probe"].unique() for p in prepared]
-    pool = cpu_pool_for(per_probe, ctx, request.score_workers, len(jobs))
+    cluster = None
+    if request.executor == "ray":  # joined (or started) for the CPU metrics' actors; left as it was found
+        from probe.generate.ray_executor import RayExecutor
+
+        cluster = RayExecutor(address=request.address).connect()
+    pool = cpu_pool_for(per_probe, ctx, request.score_workers, len(jobs), on_ray=cluster is not None)
     try:
         counts = score_run(run.path, jobs, per_probe, ctx, progress,
                            sink=ScoresTable(run.path, ScoreCache(ctx.features.cache_root)), pool=pool)
     finally:
         pool.close()
+        if cluster is not None:
+            cluster.close()
     scores = compact_scores(run.path)  # the parts of this pass, folded into scores.parquet
     write_parquet_atomic(aggregate(jobs, scores), run.path / "aggregates.parquet")
     models = list(dict.fromkeys(jobs["model"]))

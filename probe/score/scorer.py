@@ -110,9 +110,11 @@ def prepare_metrics(specs: dict[str, list[MetricSpec]], ctx: ScoringContext) -> 
     return prepared
 
 
-def cpu_pool_for(prepared: list[PreparedMetric], ctx: ScoringContext, workers: int | None, images: int) -> CpuPool:
+def cpu_pool_for(prepared: list[PreparedMetric], ctx: ScoringContext, workers: int | None, images: int,
+                 on_ray: bool = False) -> CpuPool:
     """A (lazily started) pool of `workers` processes for the CPU-bound metrics among `prepared`; None: one per
-    core, or none when the run has fewer than POOL_MIN_IMAGES `images` for them (in-process is quicker)."""
+    core, or none when the run has fewer than POOL_MIN_IMAGES `images` for them (in-process is quicker).
+    `on_ray`: Ray actors across the cluster instead (None: the cluster's CPUs minus one)."""
     pooled = {}
     for item in prepared:
         if poolable(item.spec.name, item.metric):
@@ -120,6 +122,10 @@ def cpu_pool_for(prepared: list[PreparedMetric], ctx: ScoringContext, workers: i
             pooled[label] = PooledMetric(label, item.spec.name, dict(item.spec.args))
     if workers is None and images < POOL_MIN_IMAGES:
         workers = 0
+    if on_ray and workers != 0:
+        from probe.score.ray_pool import RayCpuPool
+
+        return RayCpuPool(list(pooled.values()), ctx, workers)
     return CpuPool(list(pooled.values()), ctx, workers)
 
 
