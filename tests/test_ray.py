@@ -275,3 +275,29 @@ def test_probe_score_runs_the_cpu_metrics_on_ray_actors_with_the_same_scores(wri
     pd.testing.assert_frame_equal(results["local"], results["ray"], rtol=1e-6)
     assert sum(tasks) >= 2  # both metrics went to the Ray actors
     assert ray.is_initialized()  # the Ray it found running is left running
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_ray_exits_cleanly_and_leaves_no_process(write_suite, tmp_path):
+    from tests.test_streaming import _session_processes
+
+    suite = write_suite(SUITE.replace("seeds: 3", "seeds: 8"))
+    args = ["run", str(suite), "--executor", "ray", "--workers", "2", "--batch-size", "2",
+            "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    proc = _cli(*args, cwd=tmp_path)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            found = list((tmp_path / "out" / "cluster").glob("2*/progress.jsonl"))
+            if found and len(found[0].read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGINT)
+        started = time.time()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err[-2000:]
+        assert time.time() - started < 30 and "run the same command again to resume" in err
+        time.sleep(2)
+        assert _session_processes(proc.pid) == []  # Ray's raylet, GCS and workers went with the driver
+    finally:
+        _kill_session(proc)
