@@ -3,6 +3,7 @@ recorded failed, duplicates yielded once, work routed to the worker holding its 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -167,3 +168,38 @@ def test_a_worker_that_cannot_start_at_all_stops_the_run_before_any_call():
     backend = FakeBackend(can_start=0)
     with pytest.raises(RuntimeError, match="no resources"):
         _run(backend, plan_batches(_jobs(["p"]), 1))
+
+
+def test_live_workers_keep_going_while_a_replacement_waits_for_room():
+    """A node lost: its worker's replacement cannot start until the live worker has done more work. A start
+    on the dispatch loop's thread would deadlock here; in its own thread it waits while the work goes on."""
+    import threading
+
+    jobs = _jobs([f"p{i}" for i in range(12)])
+    room = threading.Event()
+    done_by_live: list[str] = []
+    timed_out: list[bool] = []
+
+    class SlowToReplace(FakeBackend):
+        def start_worker(self) -> FakeWorker:
+            if len(self.workers) >= 2:  # a replacement: waits until the live worker has made three batches
+                timed_out.append(not room.wait(10))
+            return super().start_worker()
+
+    def verdict(worker: FakeWorker, batch: list[Job]) -> object:
+        if worker.name == 0:
+            return "die"
+        if worker.name == 1:
+            done_by_live.append(batch[0].prompt)
+            if len(done_by_live) >= 3:
+                room.set()
+        return None
+
+    backend = SlowToReplace(verdict)
+    out, dispatcher = _run(backend, plan_batches(jobs, 2), replacements=1)
+    assert sorted(_keys(out)) == sorted(j.key for j in jobs) and all(o.png for o in sum(out, []))
+    assert len(done_by_live) == 6  # the live worker made every batch, the lost ones again included
+    deadline = time.monotonic() + 10
+    while not timed_out and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert timed_out == [False]  # the replacement's start waited beside the work, not in front of it

@@ -25,6 +25,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -96,6 +98,10 @@ class Dispatcher(Generic[W, C]):
         self.workers: list[_Worker[W, C]] = []
         self.deaths = 0  # worker deaths seen (for the note and the tests)
         self.recovered_at: list[float] = []  # time.monotonic() when a batch that lost its worker was yielded
+        # Replacements start in a thread: on a cluster that lost a node, a new actor may wait minutes for room,
+        # and the live workers must not wait with it.
+        self._starter: ThreadPoolExecutor | None = None
+        self._starting: list[Future[W]] = []
 
     def start(self) -> None:
         """Start the workers (the backend checks each one); raises when not one can be started."""
@@ -106,6 +112,17 @@ class Dispatcher(Generic[W, C]):
         for worker in self.workers:
             self.backend.stop_worker(worker.handle)
         self.workers.clear()
+        for future in self._starting:  # a replacement still starting is stopped once it is up
+            if not future.cancel():
+                future.add_done_callback(self._stop_started)
+        self._starting.clear()
+        if self._starter is not None:
+            self._starter.shutdown(wait=False)
+            self._starter = None
+
+    def _stop_started(self, future: Future[W]) -> None:
+        if future.exception() is None:
+            self.backend.stop_worker(future.result())
 
     def run(self, batches: Sequence[Sequence[Job]]) -> Iterator[list[JobOutcome]]:
         """Outcomes per finished batch (a split batch yields per job), every planned key exactly once."""
@@ -117,6 +134,13 @@ class Dispatcher(Generic[W, C]):
         last_progress = time.monotonic()
         while queue or owner:
             self._fill(queue, owner)
+            if not owner and self._starting:  # every worker is lost; replacements are on their way
+                wait_for(self._starting, timeout=max(self.tick, 0.01), return_when=FIRST_COMPLETED)
+                if time.monotonic() - last_progress > self.stall_seconds:
+                    yield from self._give_up(queue, owner, yielded,
+                                             f"no worker could start for {self.stall_seconds:.0f} s")
+                    return
+                continue
             if not owner:  # work waits and no worker could take it
                 yield from self._give_up(queue, owner, yielded, "no worker is alive and none could be started")
                 return
@@ -197,16 +221,24 @@ class Dispatcher(Generic[W, C]):
             self.backend.stop_worker(worker.handle)
 
     def _replace_dead(self) -> None:
-        """Start a new worker for each dead one with no calls left, while the replacement budget lasts."""
-        for index, worker in enumerate(self.workers):
-            if worker.alive or worker.calls or self.replacements <= 0:
-                continue
-            self.replacements -= 1
+        """Adopt the replacements that have started; start one (in a thread) for each dead worker with no calls
+        left, while the replacement budget lasts."""
+        for future in [f for f in self._starting if f.done()]:
+            self._starting.remove(future)
             try:
-                self.workers[index] = _Worker(self.backend.start_worker())
+                self.workers.append(_Worker(future.result()))
             except Exception as exc:  # noqa: BLE001 - no node can take it: the others go on, the watchdog decides
                 log.warning("could not start a replacement worker: %s", exc)
-        self.workers = [w for w in self.workers if w.alive or w.calls or self.replacements > 0]
+        kept = []
+        for worker in self.workers:
+            if worker.alive or worker.calls:
+                kept.append(worker)
+            elif self.replacements > 0:
+                self.replacements -= 1
+                if self._starter is None:
+                    self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe-worker-start")
+                self._starting.append(self._starter.submit(self.backend.start_worker))
+        self.workers = kept
 
     def _give_up(self, queue: deque[_Entry], owner: dict[Any, _Worker[W, C]], yielded: set[str],
                  why: str) -> Iterator[list[JobOutcome]]:
