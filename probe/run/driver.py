@@ -111,7 +111,9 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
         held.callback(scoring.close)
         if missing:
             getattr(executor, "start", lambda: None)()  # Ray: workers up and checked before any folder exists
-        manifest = build_manifest(loaded, jobs, options, getattr(executor, "device", device), plan_hash)
+        # This machine's device (scoring's); a Ray executor adds the cluster's below (`describe`), so a driver
+        # without a GPU never asks torch for a CUDA card's name.
+        manifest = build_manifest(loaded, jobs, options, device, plan_hash)
         run, resumed, manifest = _open_run(suite_root, plan_hash, options.new_run, manifest, held)
         started = time.time()
         results = run.read_results()
