@@ -64,3 +64,21 @@ def test_a_lost_node_s_batches_are_made_on_the_live_node(write_suite, tmp_path):
             executor.close()
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_an_address_nobody_listens_on_fails_at_once_with_the_fix():
+    import socket
+    import time
+
+    from probe.errors import ProbeError, UsageError
+    from probe.generate.ray_executor import RayExecutor
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ProbeError, match=rf"cannot reach the Ray cluster at 127.0.0.1:{port}.*ray start --head"):
+        RayExecutor(address=f"127.0.0.1:{port}").connect()
+    assert time.monotonic() - started < 30 and not ray.is_initialized()
+    with pytest.raises(UsageError, match="use HOST:PORT"):
+        RayExecutor(address="headnode").connect()

@@ -168,6 +168,20 @@ def _cause(exc: Any) -> BaseException:
     return cause if isinstance(cause, BaseException) else RuntimeError(str(exc).splitlines()[0])
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once, naming the fix, when nothing accepts connections at the cluster's HOST:PORT."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address!r}: use HOST:PORT (the head's `ray start --head --port PORT`) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ProbeError(f"cannot reach the Ray cluster at {address} ({exc}); start it with `ray start --head "
+                         f"--port {port}` on {host}, or check the address and firewall") from None
+
+
 def _node_problems(jobs: Sequence[Job]) -> list[str]:
     """Run on one node: what it lacks to load each pipeline (probe.generate.loading.job_problems)."""
     from probe.generate.loading import job_problems
@@ -203,6 +217,8 @@ class RayExecutor:
         except ImportError:
             raise UsageError("--executor ray needs Ray: pip install 'probe[ray]'") from None
         if not ray.is_initialized():
+            if self.address and self.address != "auto":
+                _check_reachable(self.address)  # ray.init retries an address nobody listens on for minutes
             try:
                 if self.address:
                     ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
