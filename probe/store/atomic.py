@@ -9,15 +9,20 @@ rename, for data that must survive a power cut (images, tables, logs); derived f
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -92,6 +97,25 @@ def aside_path(path: Path) -> Path:
     """Where a damaged file is moved so it is kept for a person to look at and made again:
     `<name>.corrupt-<UTC time>` beside it."""
     return path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+
+
+def open_or_set_aside(path: Path, open_db: Callable[[Path], T], what: str) -> T:
+    """`open_db(path)`, or, when SQLite cannot open the file (not a database, damaged beyond its recovery), the
+    file and its -wal/-shm moved aside (`aside_path`) with a warning and a fresh database opened instead."""
+    import sqlite3
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return open_db(path)
+    except sqlite3.DatabaseError as exc:
+        aside = aside_path(path)
+        log.warning("%s %s is unreadable (%s); moved to %s, its entries are computed again", what, path, exc,
+                    aside.name)
+        for suffix in ("", "-wal", "-shm"):
+            part = path.with_name(path.name + suffix)
+            if part.exists():
+                part.rename(aside.with_name(aside.name + suffix))
+        return open_db(path)
 
 
 def replace_symlink(link: Path, target: str) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from probe.store.atomic import aside_path, default_cache_dir
+from probe.store.atomic import default_cache_dir, open_or_set_aside
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,7 @@ class FeatureCache:
     # -- connection --------------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._db = _open(self.path)
-            except sqlite3.DatabaseError as exc:  # not a database, or damaged beyond SQLite's recovery
-                aside = aside_path(self.path)
-                log.warning("feature cache %s is unreadable (%s); moved to %s, features are computed again",
-                            self.path, exc, aside.name)
-                for suffix in ("", "-wal", "-shm"):
-                    part = self.path.with_name(self.path.name + suffix)
-                    if part.exists():
-                        part.rename(aside.with_name(aside.name + suffix))
-                self._db = _open(self.path)
+            self._db = open_or_set_aside(self.path, _open, "feature cache")
             self._legacy = (self.cache_root / LEGACY_FOLDER).is_dir()
         return self._db
 

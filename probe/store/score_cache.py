@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from probe.store.atomic import aside_path
+from probe.store.atomic import open_or_set_aside
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,7 @@ class ScoreCache:
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._db = _open(self.path)
-            except sqlite3.DatabaseError as exc:  # not a database, or damaged beyond SQLite's recovery
-                aside = aside_path(self.path)
-                log.warning("score cache %s is unreadable (%s); moved to %s, scores are computed again",
-                            self.path, exc, aside.name)
-                for suffix in ("", "-wal", "-shm"):
-                    part = self.path.with_name(self.path.name + suffix)
-                    if part.exists():
-                        part.rename(aside.with_name(aside.name + suffix))
-                self._db = _open(self.path)
+            self._db = open_or_set_aside(self.path, _open, "score cache")
         return self._db
 
     def rows(self, config_id: str) -> dict[str, list[dict[str, Any]]]:
