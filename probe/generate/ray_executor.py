@@ -192,6 +192,11 @@ def _node_problems(jobs: Sequence[Job]) -> list[str]:
     return problems
 
 
+#: The part of a GPU a generation worker asks Ray for: more than half (so one worker per GPU), leaving the rest
+#: for the metric actor that scores beside it (probe.score.ray_device.METRIC_GPU_SHARE, the complement).
+GENERATION_GPU_SHARE = 0.75
+
+
 class RayExecutor:
     """Runs batches on Ray actors; `connect()` first (the driver plans for `device`, the cluster's)."""
 
@@ -244,7 +249,7 @@ class RayExecutor:
 
         cpus = int(ray.cluster_resources().get("CPU", 1))
         if self.device == "cuda":
-            return {"num_gpus": 1, "num_cpus": 1}, 1
+            return {"num_gpus": GENERATION_GPU_SHARE, "num_cpus": 1}, 1
         threads = max(1, cpus // self.workers)
         return {"num_cpus": threads}, threads
 

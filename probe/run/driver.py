@@ -107,7 +107,8 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
         plan_hash = plan_sha256(jobs)
         missing = [j for j in jobs if not store.has(j.key)]
         scoring = _preflight(missing,  # before any folder is made or work started
-                             lambda: prepare_scoring(loaded, jobs, options, device), getattr(executor, "preflight", None))
+                             lambda: prepare_scoring(loaded, jobs, options, getattr(executor, "device", device)),
+                             getattr(executor, "preflight", None))
         held.callback(scoring.close)
         if missing:
             getattr(executor, "start", lambda: None)()  # Ray: workers up and checked before any folder exists
@@ -139,6 +140,8 @@ def run_suite(suite_path: str | Path, options: RunOptions, progress: Progress | 
             progress.finish()
         if hasattr(executor, "describe"):  # where the images were made (Ray: the workers' devices)
             manifest.device.update(executor.describe())
+        if scoring.device_pool is not None:  # where the device metrics ran (Ray's metric actors)
+            manifest.device.update(scoring.device_pool.describe())
         results = run.read_results()
         run.write_jobs(jobs, results)
         counts, failures = _count(jobs, results)
@@ -215,10 +218,13 @@ def _stream(run: RunDir, jobs: Sequence[Job], todo: Sequence[Job], scoring: Scor
 
 
 def prepare_scoring(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOptions, device: str) -> Scoring:
-    """Build the run's metrics now, so missing CLIP/Inception weights fail before any image is generated."""
+    """Build the run's metrics now, so missing CLIP/Inception weights fail before any image is generated.
+
+    `device` is where the metrics run: this machine's, or under `--executor ray` the cluster's (its metric actors
+    compute the device metrics, and the configurations recorded here must be theirs)."""
     from probe.score.cpu_pool import cpu_bound
     from probe.score.protocol import ScoringContext
-    from probe.score.scorer import cpu_pool_for, prepare_metrics
+    from probe.score.scorer import cpu_pool_for, prepare_metrics, ray_pools
     from probe.store.features import FeatureCache
 
     ctx = ScoringContext(features=FeatureCache(options.cache_dir), device=device,
@@ -228,7 +234,10 @@ def prepare_scoring(loaded: LoadedSuite, jobs: Sequence[Job], options: RunOption
     prepared = prepare_metrics(specs, ctx)
     cpu_probes = {p.probe for p in prepared if cpu_bound(p.metric)}
     images = len({j.key for j in jobs if j.probe in cpu_probes})
-    pool = cpu_pool_for(prepared, ctx, options.score_workers, images, on_ray=options.executor == "ray")
+    if options.executor == "ray" and prepared:
+        pool, device_pool = ray_pools(prepared, ctx, options.score_workers, images)
+        return Scoring(ctx=ctx, prepared=prepared, pool=pool, device_pool=device_pool)
+    pool = cpu_pool_for(prepared, ctx, options.score_workers, images)
     return Scoring(ctx=ctx, prepared=prepared, pool=pool)
 
 
@@ -239,6 +248,8 @@ class Scoring:
     ctx: Any
     prepared: list[Any]
     pool: Any = None
+    device_pool: Any = None
+    """Under `--executor ray`: the metric actors scoring the device metrics (probe.score.ray_device)."""
     interrupted: bool = False
     """The run stopped on an error or Ctrl-C: `close` does not wait for the CPU workers' tasks in hand."""
 
@@ -250,9 +261,11 @@ class Scoring:
         return ScoresTable(run_dir, ScoreCache(self.ctx.features.cache_root)) if self.prepared else None
 
     def close(self) -> None:
-        """Stop the CPU workers, if they were started."""
+        """Stop the CPU workers and the metric actors, if they were started."""
         if self.pool is not None:
             self.pool.close(wait=not self.interrupted)
+        if self.device_pool is not None:
+            self.device_pool.close()
 
 
 def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring, progress: Progress,
@@ -273,7 +286,8 @@ def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring, pr
         scoring.ctx.run_dir = run_dir
         try:
             counts = score_run(run_dir, frame, scoring.prepared, scoring.ctx, progress,
-                               sink=sink if sink is not None else scoring.sink(run_dir), pool=scoring.pool)
+                               sink=sink if sink is not None else scoring.sink(run_dir), pool=scoring.pool,
+                               device=scoring.device_pool)
             configs, failures = counts.configs, counts.failures
         finally:
             progress.finish()

@@ -322,13 +322,7 @@ def _job_rows(rows: list[dict[str, str]], request: ScoreRequest, run: RunDir) ->
 
 def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dict[str, Any]]:
     """Build the run directory for `request` and score it; returns the folder and the score counts."""
-    from probe.analyse.aggregate import aggregate, paired_deltas
     from probe.run.driver import resolve_device
-    from probe.score.protocol import ScoringContext
-    from probe.score.scorer import cpu_pool_for, prepare_metrics, score_run
-    from probe.store.features import FeatureCache
-    from probe.store.score_cache import ScoreCache
-    from probe.store.tables import ScoresTable, compact_scores
 
     rows, specs = check_request(request)
     if request.executor not in ("local", "ray"):
@@ -336,7 +330,29 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     if request.address and request.executor != "ray":
         raise UsageError("--address needs --executor ray")
     device = resolve_device(request.device)
-    ctx = ScoringContext(features=FeatureCache(request.cache_dir), device=device,
+    cluster = None
+    if request.executor == "ray":  # joined (or started) for the scoring actors; left as it was found
+        from probe.generate.ray_executor import RayExecutor
+
+        cluster = RayExecutor(address=request.address).connect()
+    try:
+        return _score_on(request, rows, specs, device, cluster, progress)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _score_on(request: ScoreRequest, rows: list[dict[str, str]], specs: list[MetricSpec], device: str, cluster: Any,
+              progress: Any) -> tuple[Path, dict[str, Any]]:
+    """`score_images` once the devices are known: this machine's, or a Ray cluster's (`cluster`)."""
+    from probe.analyse.aggregate import aggregate, paired_deltas
+    from probe.score.protocol import ScoringContext
+    from probe.score.scorer import cpu_pool_for, prepare_metrics, ray_pools, score_run
+    from probe.store.features import FeatureCache
+    from probe.store.score_cache import ScoreCache
+    from probe.store.tables import ScoresTable, compact_scores
+
+    ctx = ScoringContext(features=FeatureCache(request.cache_dir), device=cluster.device if cluster else device,
                          clip_model=request.clip_model, base_dir=Path.cwd())
     prepared = prepare_metrics({"*": specs}, ctx)  # loads the models: fails before any folder is made
     started = time.time()
@@ -356,19 +372,20 @@ def score_images(request: ScoreRequest, progress: Any = None) -> tuple[Path, dic
     run.write_manifest(manifest)
     ctx.run_dir = run.path
     per_probe = [replace(p, probe=probe) for probe in jobs["probe"].unique() for p in prepared]
-    cluster = None
-    if request.executor == "ray":  # joined (or started) for the CPU metrics' actors; left as it was found
-        from probe.generate.ray_executor import RayExecutor
-
-        cluster = RayExecutor(address=request.address).connect()
-    pool = cpu_pool_for(per_probe, ctx, request.score_workers, len(jobs), on_ray=cluster is not None)
+    device_pool = None
+    if cluster is not None:
+        pool, device_pool = ray_pools(per_probe, ctx, request.score_workers, len(jobs))
+        manifest.device.update(device_pool.describe())
+    else:
+        pool = cpu_pool_for(per_probe, ctx, request.score_workers, len(jobs))
     try:
         counts = score_run(run.path, jobs, per_probe, ctx, progress,
-                           sink=ScoresTable(run.path, ScoreCache(ctx.features.cache_root)), pool=pool)
+                           sink=ScoresTable(run.path, ScoreCache(ctx.features.cache_root)), pool=pool,
+                           device=device_pool)
     finally:
         pool.close()
-        if cluster is not None:
-            cluster.close()
+        if device_pool is not None:
+            device_pool.close()
     scores = compact_scores(run.path)  # the parts of this pass, folded into scores.parquet
     write_parquet_atomic(aggregate(jobs, scores), run.path / "aggregates.parquet")
     models = list(dict.fromkeys(jobs["model"]))

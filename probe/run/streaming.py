@@ -120,12 +120,14 @@ class StreamingScorer:
         if self._images:
             rows = self._planned[self._planned["key"].isin(fresh)]
             score_run(self._run.path, rows, self._images, ctx, self._progress, sink=self._sink,
-                      pool=self._scoring.pool, kinds=frozenset({"image"}), stop=self._stopping)
+                      pool=self._scoring.pool, kinds=frozenset({"image"}), stop=self._stopping,
+                      device=self._scoring.device_pool)
         newly = {g for g, keys in self._groups.items() if g not in self._complete and keys <= ready}
         if newly and self._sets and not self._closing:
             self._complete |= newly
             score_run(self._run.path, self._planned, self._sets, ctx, self._progress, sink=self._sink,
-                      pool=self._scoring.pool, kinds=frozenset({"set"}), ready=ready, stop=self._stopping)
+                      pool=self._scoring.pool, kinds=frozenset({"set"}), ready=ready, stop=self._stopping,
+                      device=self._scoring.device_pool)
 
 
 def _is_set(prepared: Any) -> bool:

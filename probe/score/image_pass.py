@@ -28,6 +28,7 @@ from probe.score.protocol import ImageItem, ImageMetric, Score, ScoringContext
 from probe.store.tables import score_ids
 
 if TYPE_CHECKING:
+    from probe.score.ray_device import RayDevicePool
     from probe.score.scorer import PreparedMetric, ScoreSink
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ CHUNK = 64
 DECODERS = max(2, min(8, machine_cores()))
 
 Chunk = list[tuple[str, ImageItem]]
+Remote = dict[str, tuple[list[Score], list[Failed], set[str]]]
+"""Per metric label: the scores and failures computed elsewhere (workers, actors) and the keys they cover."""
 
 
 @dataclass
@@ -48,12 +51,16 @@ class _Wanted:
     todo: set[str]
     cpu_bound: bool
     pooled: bool = False
+    on_device: bool = False
+    """Scored on the Ray metric actors (`RayDevicePool`) rather than in this process."""
 
 
 def score_images(prepared: list[PreparedMetric], rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
                  sink: ScoreSink, progress: Any, failures: list[dict[str, str]], pool: CpuPool | None = None,
-                 stop: Callable[[], bool] | None = None) -> dict[str, tuple[int, int]]:
-    """Score `rows` (one probe's) with its per-image metrics; (computed, reused) per metric label."""
+                 stop: Callable[[], bool] | None = None,
+                 device: RayDevicePool | None = None) -> dict[str, tuple[int, int]]:
+    """Score `rows` (one probe's) with its per-image metrics; (computed, reused) per metric label. `device`:
+    the metrics it holds are scored on its Ray metric actors, each chunk once its CPU metrics are back."""
     items = scored_items(rows, run_dir)
     wanted, counts = _wanted(prepared, items, sink)
     union = [(sid, image) for sid, image in items.items() if any(sid in w.todo for w in wanted)]
@@ -64,6 +71,9 @@ def score_images(prepared: list[PreparedMetric], rows: pd.DataFrame, run_dir: Pa
         if pool.usable({w.label for w in cpu}):
             for w in cpu:
                 w.pooled = True
+    for w in wanted:
+        w.on_device = device is not None and not w.pooled and device.usable({w.label})
+    remote_wanted = [w for w in wanted if w.on_device]
     if progress is not None:
         progress.group(f"score {', '.join(w.label for w in wanted)} ({prepared[0].probe})", len(union))
     with ThreadPoolExecutor(DECODERS, thread_name_prefix="probe-decode") as decoders:
@@ -73,6 +83,8 @@ def score_images(prepared: list[PreparedMetric], rows: pd.DataFrame, run_dir: Pa
                 remote = _collect(futures, ctx, pool)
                 if futures and pool is not None and pool.broken and stop is not None and stop():
                     break  # interrupted: the workers were ended with the chunk; the next pass does it
+                if remote_wanted and device is not None and not device.broken:
+                    _merge(remote, _on_device(device, remote_wanted, chunk, images, ctx))
                 new_rows: list[dict[str, Any]] = []
                 for w in wanted:
                     new_rows += _metric_rows(w, chunk, images, remote.get(w.label), ctx, rows, failures)
@@ -142,10 +154,10 @@ def _submit(pool: CpuPool, pooled: list[_Wanted], chunk: Chunk, images: list[Ima
 
 
 def _collect(futures: list[Future[Result]], ctx: ScoringContext,
-             pool: CpuPool | None) -> dict[str, tuple[list[Score], list[Failed], set[str]]]:
+             pool: CpuPool | None) -> Remote:
     """The workers' results per label (scores, failures, keys covered); their faces added to `ctx`. A pool that
     broke (a worker killed) is given up: what it did not return is scored in this process."""
-    remote: dict[str, tuple[list[Score], list[Failed], set[str]]] = {}
+    remote: Remote = {}
     for future in futures:
         try:
             results, faces = future.result()
@@ -156,11 +168,52 @@ def _collect(futures: list[Future[Result]], ctx: ScoringContext,
                 pool.broken = True
             continue
         add_faces(ctx, faces)
-        for label, (scores, failed) in results.items():
-            got = remote.setdefault(label, ([], [], set()))
-            got[0].extend(scores)
-            got[1].extend(failed)
-            got[2].update({s.key for s in scores if s.key} | {key for key, _ in failed})
+        _add(remote, results)
+    return remote
+
+
+def _add(remote: Remote, results: dict[str, tuple[list[Score], list[Failed]]]) -> None:
+    for label, (scores, failed) in results.items():
+        got = remote.setdefault(label, ([], [], set()))
+        got[0].extend(scores)
+        got[1].extend(failed)
+        got[2].update({s.key for s in scores if s.key} | {key for key, _ in failed})
+
+
+def _merge(remote: Remote, more: Remote) -> None:
+    for label, (scores, failed, covered) in more.items():
+        got = remote.setdefault(label, ([], [], set()))
+        got[0].extend(scores)
+        got[1].extend(failed)
+        got[2].update(covered)
+
+
+def _on_device(device: RayDevicePool, wanted: list[_Wanted], chunk: Chunk, images: list[ImageItem],
+               ctx: ScoringContext) -> Remote:
+    """The chunk's device metrics on the metric actors, one share per actor with the faces already found; their
+    vectors stored in this process's feature cache. An actor lost (its node gone) leaves the rest to this process."""
+    from probe.score.metrics.faces import copy_faces
+
+    step = -(-len(chunk) // device.workers)
+    parts, faces = [], []
+    for start in range(0, len(chunk), step):
+        part = list(zip(chunk[start:start + step], images[start:start + step], strict=True))
+        task = [(w.label, [image for (sid, _), image in part if sid in w.todo]) for w in wanted]
+        task = [(label, share) for label, share in task if share]
+        if task:
+            parts.append(task)
+            faces.append(copy_faces(ctx, {image.key for _, image in part}))
+    remote: Remote = {}
+    for future in device.score(parts, faces):
+        try:
+            results, features = future.result()
+        except Exception as exc:  # noqa: BLE001 - a lost actor: this process scores what it did not return
+            if not device.broken:
+                log.warning("metric actors failed (%s: %s); scoring the rest in this process", type(exc).__name__, exc)
+                device.broken = True
+            continue
+        device.store(features)
+        _add(remote, results)
     return remote
 
 

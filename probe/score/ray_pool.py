@@ -9,13 +9,63 @@ actor lost with its node) breaks the pool and the pass finishes in-process, as w
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 from probe.score.cpu_pool import CpuPool, PooledMetric, Result, Task, _score_task, _start_worker
-from probe.score.protocol import ScoringContext
+from probe.score.protocol import ImageItem, ScoringContext
 
 log = logging.getLogger(__name__)
+
+Shipped = list[tuple[ImageItem, Any]]
+"""Images without their pixels, each with the object-store reference of its pixels (None: not decoded)."""
+
+
+class Shipper:
+    """Decoded images put in Ray's object store once, whichever actors read them (CPU and metric actors).
+
+    A chunk's images go to the CPU actors and to the metric actors in different splits; each decoded image is
+    `ray.put` once and both send only its reference. The last `keep` references are held (a few chunks), so the
+    store frees an image once no task and no recent chunk needs it.
+    """
+
+    def __init__(self, keep: int = 256) -> None:
+        self._refs: OrderedDict[int, tuple[Any, Any]] = OrderedDict()  # id(pixels) -> (pixels, ref)
+        self._keep = keep
+        self._lock = threading.Lock()  # the streaming scorer's thread and the final pass's
+
+    def ship(self, images: Sequence[ImageItem]) -> Shipped:
+        import ray
+
+        shipped: Shipped = []
+        with self._lock:
+            for image in images:
+                if image.pixels is None:
+                    shipped.append((image, None))
+                    continue
+                entry = self._refs.get(id(image.pixels))
+                if entry is None or entry[0] is not image.pixels:
+                    entry = (image.pixels, ray.put(image.pixels))
+                    self._refs[id(image.pixels)] = entry
+                    while len(self._refs) > self._keep:
+                        self._refs.popitem(last=False)
+                else:
+                    self._refs.move_to_end(id(image.pixels))
+                shipped.append((replace(image, pixels=None), entry[1]))
+        return shipped
+
+
+def landed(shipped: Shipped) -> list[ImageItem]:
+    """On an actor: the shipped images with their pixels fetched (each distinct reference once)."""
+    import ray
+
+    refs = {ref.hex(): ref for _, ref in shipped if ref is not None}
+    pixels = dict(zip(refs, ray.get(list(refs.values())), strict=True)) if refs else {}
+    return [image if ref is None else replace(image, pixels=pixels[ref.hex()]) for image, ref in shipped]
 
 
 class CpuActor:
@@ -24,8 +74,8 @@ class CpuActor:
     def __init__(self, metrics: list[PooledMetric], base_dir: Any, cache_root: Any) -> None:
         _start_worker(metrics, base_dir, cache_root)
 
-    def score(self, task: Task) -> Result:
-        return _score_task(task)
+    def score(self, task: list[tuple[str, Shipped]]) -> Result:
+        return _score_task([(label, landed(shipped)) for label, shipped in task])
 
 
 def cluster_cpu_workers() -> int:
@@ -38,8 +88,10 @@ def cluster_cpu_workers() -> int:
 class RayCpuPool(CpuPool):
     """CPU metrics on `workers` Ray actors (default: the cluster's CPUs minus one), started on first use."""
 
-    def __init__(self, metrics: list[PooledMetric], ctx: ScoringContext, workers: int | None = None) -> None:
+    def __init__(self, metrics: list[PooledMetric], ctx: ScoringContext, workers: int | None = None,
+                 shipper: Shipper | None = None) -> None:
         super().__init__(metrics, ctx, cluster_cpu_workers() if workers is None else workers)
+        self.shipper = shipper or Shipper()
         self._actors: list[Any] = []
         self._turn = 0
 
@@ -53,7 +105,8 @@ class RayCpuPool(CpuPool):
             log.info("scoring CPU metrics on %d Ray actors", self.workers)
         actor = self._actors[self._turn % len(self._actors)]
         self._turn += 1
-        future: Future[Result] = actor.score.remote(task).future()
+        shipped = [(label, self.shipper.ship(images)) for label, images in task]
+        future: Future[Result] = actor.score.remote(shipped).future()
         return future
 
     def close(self, wait: bool = True) -> None:

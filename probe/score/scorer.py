@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,9 @@ from probe.spec.loader import image_files
 from probe.spec.schema import MetricSpec
 from probe.stats.jackknife import METHOD, make_design
 from probe.store.tables import group_columns, group_label, group_of
+
+if TYPE_CHECKING:
+    from probe.score.ray_device import RayDevicePool
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +114,11 @@ def prepare_metrics(specs: dict[str, list[MetricSpec]], ctx: ScoringContext) -> 
 
 
 def cpu_pool_for(prepared: list[PreparedMetric], ctx: ScoringContext, workers: int | None, images: int,
-                 on_ray: bool = False) -> CpuPool:
+                 on_ray: bool = False, shipper: Any = None) -> CpuPool:
     """A (lazily started) pool of `workers` processes for the CPU-bound metrics among `prepared`; None: one per
     core, or none when the run has fewer than POOL_MIN_IMAGES `images` for them (in-process is quicker).
-    `on_ray`: Ray actors across the cluster instead (None: the cluster's CPUs minus one)."""
+    `on_ray`: Ray actors across the cluster instead (None: the cluster's CPUs minus one), sending images through
+    `shipper` (probe.score.ray_pool.Shipper, shared with the metric actors)."""
     pooled = {}
     for item in prepared:
         if poolable(item.spec.name, item.metric):
@@ -125,8 +129,28 @@ def cpu_pool_for(prepared: list[PreparedMetric], ctx: ScoringContext, workers: i
     if on_ray and workers != 0:
         from probe.score.ray_pool import RayCpuPool
 
-        return RayCpuPool(list(pooled.values()), ctx, workers)
+        return RayCpuPool(list(pooled.values()), ctx, workers, shipper)
     return CpuPool(list(pooled.values()), ctx, workers)
+
+
+def ray_pools(prepared: list[PreparedMetric], ctx: ScoringContext,
+              workers: int | None, images: int) -> tuple[CpuPool, RayDevicePool]:
+    """Under `--executor ray`: the CPU metrics' actors and the device metrics' actors (started and checked now,
+    so a cluster that configures a metric differently stops the run before any image is made)."""
+    from probe.score.ray_device import RayDevicePool, device_poolable
+    from probe.score.ray_pool import Shipper
+
+    shipper = Shipper()
+    metrics: dict[str, PooledMetric] = {}
+    expected: dict[str, dict[str, Any]] = {}
+    for item in prepared:
+        if device_poolable(item.spec.name, item.metric):
+            label = metric_label(item.spec.name, item.spec.args)
+            metrics[label] = PooledMetric(label, item.spec.name, dict(item.spec.args))
+            expected[label] = item.config
+    device = RayDevicePool(list(metrics.values()), ctx, expected, shipper)
+    device.start()
+    return cpu_pool_for(prepared, ctx, workers, images, on_ray=True, shipper=shipper), device
 
 
 def _outputs(metric: object) -> dict[str, dict[str, str]]:
@@ -140,7 +164,7 @@ def _outputs(metric: object) -> dict[str, dict[str, str]]:
 def score_run(
     run_dir: Path, jobs: pd.DataFrame, prepared: list[PreparedMetric], ctx: ScoringContext, progress: Any = None,
     *, sink: ScoreSink, pool: CpuPool | None = None, kinds: frozenset[str] = frozenset({"image", "set"}),
-    ready: set[str] | None = None, stop: Callable[[], bool] | None = None,
+    ready: set[str] | None = None, stop: Callable[[], bool] | None = None, device: RayDevicePool | None = None,
 ) -> ScoreCounts:
     """Score the images of `jobs` (read from `run_dir`) with the prepared metrics, handing rows to `sink`.
 
@@ -148,7 +172,8 @@ def score_run(
     `pool`'s workers), then its set metrics score each group. `kinds` picks which of the two run; with `ready`
     (the keys whose images are durable, while the run still generates) a set group is scored only when all of its
     images and its reference's are ready. `stop` is asked between chunks: a pass that stops early has handed over
-    every chunk it finished.
+    every chunk it finished. `device` (under Ray) scores the device metrics, and embeds the sets' images, on the
+    cluster's metric actors.
     """
     counts = ScoreCounts()
     usable = jobs[jobs["image"].notna()]
@@ -161,11 +186,12 @@ def score_run(
         images = [item for item in mine if not isinstance(item.metric, SetMetric)]
         done: dict[str, tuple[int, int]] = {}
         if images and "image" in kinds:
-            done |= score_images(images, rows, run_dir, ctx, sink, progress, counts.failures, pool, stop)
+            done |= score_images(images, rows, run_dir, ctx, sink, progress, counts.failures, pool, stop, device)
         for item in mine:
             if isinstance(item.metric, SetMetric) and "set" in kinds and not (stop is not None and stop()):
                 label = metric_label(item.spec.name, item.spec.args)
-                done[label] = _score_sets(item, label, rows, run_dir, ctx, sink, progress, counts.failures, ready)
+                done[label] = _score_sets(item, label, rows, run_dir, ctx, sink, progress, counts.failures, ready,
+                                          device)
         for name, (computed, reused) in done.items():
             counts.computed[name] = counts.computed.get(name, 0) + computed
             counts.reused[name] = counts.reused.get(name, 0) + reused
@@ -181,7 +207,7 @@ def _items(rows: pd.DataFrame, run_dir: Path) -> list[ImageItem]:
 
 def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: Path, ctx: ScoringContext,
                 writer: ScoreSink, progress: Any, failures: list[dict[str, str]],
-                ready: set[str] | None = None) -> tuple[int, int]:
+                ready: set[str] | None = None, device: RayDevicePool | None = None) -> tuple[int, int]:
     """One row per group: value, jackknife CI over prompts, sizes; skipped if already there unchanged, and
     (with `ready`) while any image of the group or of its reference is not yet durable."""
     spec = item.spec
@@ -210,6 +236,8 @@ def _score_sets(item: PreparedMetric, label: str, rows: pd.DataFrame, run_dir: P
             continue
         ref_id = _set_hash([], reference_items)
         try:
+            if device is not None and device.usable({label}):  # the embeddings made on the metric actors
+                device.fetch(label, item.metric, [*items, *([] if ref_id in references else reference_items)])
             if ref_id not in references:
                 references[ref_id] = item.metric.embed(reference_items, ctx)
             row = _set_row(item, label, coords, items, references[ref_id], reference_items, reference_name,

@@ -235,6 +235,18 @@ def take_faces(ctx: ScoringContext, keys: Collection[str]) -> dict[str, dict[str
     return taken
 
 
+def copy_faces(ctx: ScoringContext, keys: Collection[str]) -> dict[str, dict[str, list[FaceBox]]]:
+    """The detections of `keys` already in `ctx` (per settings id), left there: sent with a chunk to a device
+    actor, so perceived_gender there reuses the faces this pass's CPU metrics found."""
+    found: dict[str, dict[str, list[FaceBox]]] = {}
+    for name in ctx.shared_names(_FACES):
+        cache: dict[str, list[FaceBox]] = ctx.shared(name, dict)
+        boxes = {key: cache[key] for key in keys if key in cache}
+        if boxes:
+            found[name] = boxes
+    return found
+
+
 def add_faces(ctx: ScoringContext, taken: dict[str, dict[str, list[FaceBox]]]) -> None:
     """Detections made elsewhere (`take_faces` in a worker) added to `ctx`'s shared caches."""
     for name, boxes in taken.items():

@@ -249,7 +249,8 @@ class StandInExtractor:
     def __init__(self, device: str = "cpu", batch_size: int = 64) -> None:
         self.device = device
         self.batch_size = batch_size
-        self._net = build_stand_in_net().to(device)
+        self._net = build_stand_in_net()  # moved to `device` on first use: a GPU-less Ray driver only reads its id
+        self._moved = False
         digest = _weights_digest(self._net)[:16]
         self.id = f"random-stand-in-for-inception-v3:{STAND_IN_REVISION}:weights-{digest}:{self.mode}"
         logger.warning("fid/kid: the run uses the tiny CLIP (every model is tiny), so features come from %s, seeded "
@@ -264,6 +265,8 @@ class StandInExtractor:
     def _compute(self, items: list[ImageItem]) -> np.ndarray:
         import torch
 
+        if not self._moved:
+            self._net, self._moved = self._net.to(self.device), True
         out = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
