@@ -152,6 +152,15 @@ _BUILTIN = (
                }, params={"engine": "str", "casefold": "bool", "nfkc": "bool", "collapse_whitespace": "bool",
                           "drop_punctuation": "bool", "text_score": "float", "box_thresh": "float",
                           "det_limit_side_len": "int"}, cpu_bound=True),
+    MetricInfo("pickscore", "image", "PickScore v1 human-preference score: exp(logit_scale)*cos(image, prompt) on a "
+               "CLIP ViT-H/14 fine-tune (Kirstain et al. 2023)", "probe.score.metrics.preference:PickScore", "higher",
+               params={"model": "str", "processor": "str", "batch_size": "int"}),
+    MetricInfo("hps", "image", "Human Preference Score v2.1: cos(image, prompt) on open_clip ViT-H-14 with the HPS "
+               "checkpoint (Wu et al. 2023)", "probe.score.metrics.preference:Hps", "higher",
+               params={"weights": "str", "arch": "str", "batch_size": "int"}),
+    MetricInfo("aesthetic", "image", "LAION aesthetic predictor v2: an MLP over L2-normalised CLIP ViT-L/14 image "
+               "embeddings (about 1-10)", "probe.score.metrics.preference:Aesthetic", "higher",
+               params={"weights": "str", "clip": "str", "batch_size": "int"}),
     MetricInfo("fid", "set", "Frechet distance to a reference set on Inception (clean-fid preprocessing) or CLIP "
                "features", "probe.score.metrics.fid:Fid", "lower", params={"features": "str", "ci_groups": "int"}),
     MetricInfo("kid", "set", "Kernel (unbiased polynomial MMD^2) distance to a reference set; subset size adapts to "

@@ -58,19 +58,28 @@ def cluster_bootstrap(
     values, labels = values[keep], labels[keep]
     if len(values) == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0, 0)
-    _, inverse = np.unique(labels, return_inverse=True)
-    sums = np.bincount(inverse, weights=values)
-    counts = np.bincount(inverse).astype(float)
     mean = float(values.mean())
-    k = len(sums)
-    if k < 2:
+    stats, k = cluster_replicates(values, labels, n_resamples=n_resamples, seed=seed)
+    if stats is None:
         return Estimate(mean, float("nan"), float("nan"), k, len(values))
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, k, size=(n_resamples, k))
-    stats = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(stats, [alpha, 1 - alpha])
     return Estimate(mean, float(low), float(high), k, len(values))
+
+
+def cluster_replicates(values: np.ndarray, labels: np.ndarray, *, n_resamples: int = N_RESAMPLES,
+                       seed: int = 0) -> tuple[np.ndarray | None, int]:
+    """Bootstrap means of `values` resampling whole clusters (`labels`), and the cluster count; None for the
+    replicates with fewer than two clusters."""
+    _, inverse = np.unique(labels, return_inverse=True)
+    sums = np.bincount(inverse, weights=values)
+    counts = np.bincount(inverse).astype(float)
+    k = len(sums)
+    if k < 2:
+        return None, k
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, k, size=(n_resamples, k))
+    return sums[picks].sum(axis=1) / counts[picks].sum(axis=1), k
 
 
 def paired_delta(

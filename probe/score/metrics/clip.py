@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from probe.errors import ProbeError
 from probe.score.metrics.clip_loaders import DEFAULT_CLIP_REVISION, Encoders, load_encoders
 from probe.score.metrics.kernel_sums import GroupKernel
 from probe.score.protocol import ImageItem, ImageSet, Metric, Score, ScoringContext
@@ -29,6 +30,7 @@ __all__ = [
     "ClipBackend",
     "ClipScore",
     "Cmmd",
+    "clip_backend",
     "clip_scores",
     "get_clip",
     "mmd_rbf",
@@ -46,10 +48,10 @@ class ClipBackend:
     """
 
     def __init__(self, spec: str = DEFAULT_CLIP_MODEL, device: str = "cpu", revision: str | None = None,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, processor: str | None = None) -> None:
         self.spec = spec
         self.device = device
-        self._encoders: Encoders = load_encoders(spec, device, revision, dtype)
+        self._encoders: Encoders = load_encoders(spec, device, revision, dtype, processor)
         self.dtype = self._encoders.dtype
         self.model_id = self._encoders.model_id
         self.revision = self._encoders.revision
@@ -58,8 +60,12 @@ class ClipBackend:
         #: FeatureCache extractor ids: everything that decides an embedding, nothing else.
         # float32 ids stay as they were before dtypes existed (caches keep their vectors); others name the dtype.
         precision = "" if self.dtype == "float32" else f"|{self.dtype}"
-        self.image_extractor_id = f"clip-image|{self.model_id}@{self.revision}|{self.preprocessing}{precision}"
-        self.text_extractor_id = f"clip-text|{self.model_id}@{self.revision}|max_tokens={self.max_tokens}{precision}"
+        self.processor_id = self._encoders.processor_id
+        source = f"|processor={self.processor_id}" if self.processor_id else ""
+        self.image_extractor_id = (f"clip-image|{self.model_id}@{self.revision}|{self.preprocessing}"
+                                   f"{precision}{source}")
+        self.text_extractor_id = (f"clip-text|{self.model_id}@{self.revision}|max_tokens={self.max_tokens}"
+                                  f"{precision}{source}")
         logger.info("CLIP backend %s @ %s on %s (%s)", self.model_id, self.revision, device, self.dtype)
 
     def describe(self) -> dict[str, Any]:
@@ -71,7 +77,14 @@ class ClipBackend:
             "max_tokens": self.max_tokens,
             "truncation": f"first {self.max_tokens - 2} tokens + start/end tokens",
             **({"dtype": self.dtype} if self.dtype != "float32" else {}),  # float32 config ids as before
+            **({"processor": self.processor_id} if self.processor_id else {}),
         }
+
+    def logit_scale(self) -> float:
+        """exp(the model's learnt logit scale), from its weights."""
+        if self._encoders.logit_scale is None:
+            raise ProbeError(f"CLIP {self.model_id} exposes no logit scale")
+        return self._encoders.logit_scale()
 
     def image_embeddings(
         self, items: Sequence[ImageItem], cache: FeatureCache, batch_size: int = 16
@@ -119,8 +132,15 @@ def _resolve_spec(spec: str, base_dir: Path) -> str:
 
 def get_clip(ctx: ScoringContext) -> ClipBackend:
     """The context's shared CLIP backend (`ctx.clip_model` on `ctx.device`), loaded on first use."""
-    spec = _resolve_spec(ctx.clip_model, ctx.base_dir)
-    backend: ClipBackend = ctx.shared("clip:" + ctx.clip_model, lambda: ClipBackend(spec, device=ctx.device))
+    return clip_backend(ctx, ctx.clip_model)
+
+
+def clip_backend(ctx: ScoringContext, spec: str, processor: str | None = None) -> ClipBackend:
+    """A CLIP backend shared in the context by spec (and processor): the run's CLIP when `spec` names it, so
+    metrics on the same CLIP (clip_score, aesthetic) embed each image once."""
+    resolved = _resolve_spec(spec, ctx.base_dir)
+    name = "clip:" + spec + (f"|processor={processor}" if processor else "")
+    backend: ClipBackend = ctx.shared(name, lambda: ClipBackend(resolved, device=ctx.device, processor=processor))
     return backend
 
 

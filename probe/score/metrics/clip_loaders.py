@@ -44,6 +44,11 @@ class Encoders:
     count_tokens: Callable[[str], int]
     dtype: str = "float32"
     """The weights' and activations' dtype: float16 on CUDA (`clip_dtype`), float32 elsewhere."""
+    logit_scale: Callable[[], float] | None = None
+    """exp(the model's learnt logit scale), read from the weights (PickScore multiplies its cosine by it)."""
+    processor_id: str = ""
+    """Where the tokenizer and image processor came from when not from the model's own folder (PickScore's
+    are LAION CLIP-H's); part of the extractor ids."""
 
     def run(self, encode: Callable[[Any], Any], inputs: Any) -> np.ndarray:
         """Call an encoder without autograd and return float32 numpy rows."""
@@ -140,8 +145,12 @@ def _hf_encoders(load: Callable[[], Any], processor: Any, device: str, model_id:
         # tokenize() + special tokens: the untruncated length, without the too-long-sequence warning.
         return len(tokenizer.tokenize(text)) + tokenizer.num_special_tokens_to_add(pair=False)
 
+    def logit_scale() -> float:
+        return float(get_model().logit_scale.detach().float().exp())
+
     preprocessing = _describe_image_processor(image_processor)
-    return Encoders(model_id, revision, preprocessing, max_tokens, encode_images, encode_texts, count_tokens, dtype)
+    return Encoders(model_id, revision, preprocessing, max_tokens, encode_images, encode_texts, count_tokens, dtype,
+                    logit_scale)
 
 
 def _split_revision(spec: str, revision: str | None) -> tuple[str, str]:
@@ -172,10 +181,13 @@ def _weights_present(folder: Path) -> bool:
     return False
 
 
-def _snapshot_lacks(folder: Path) -> list[str]:
+def _snapshot_lacks(folder: Path, processor: bool = True) -> list[str]:
     """What a cached CLIP snapshot lacks for CLIPModel + CLIPProcessor (checked before loading: transformers'
-    own error for a missing file is a long OSError, and a missing vocabulary can pass silently)."""
+    own error for a missing file is a long OSError, and a missing vocabulary can pass silently); `processor`
+    False: only the model is needed (the processor comes from elsewhere)."""
     lacks = [] if _weights_present(folder) else ["its weights (model.safetensors)"]
+    if not processor:
+        return lacks
     if not any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
         lacks.append("preprocessor_config.json")  # transformers 5 saves processor_config.json instead
     if not ((folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in ("vocab.json", "merges.txt"))):
@@ -183,41 +195,83 @@ def _snapshot_lacks(folder: Path) -> list[str]:
     return lacks
 
 
-def _load_hub(model_id: str, revision: str, device: str, dtype: str) -> Encoders:
-    """From the local HF cache only; the snapshot folder's name is the resolved commit."""
+def _cached_snapshot(model_id: str, revision: str, processor: bool = True) -> Path:
+    """The local HF cache's snapshot of a hub id (its folder name is the resolved commit), checked complete."""
     from huggingface_hub import constants, try_to_load_from_cache
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     found = try_to_load_from_cache(model_id, "config.json", revision=revision)
     if not isinstance(found, str):
         raise _not_cached(model_id, revision, f"not in the Hugging Face cache {constants.HF_HUB_CACHE}")
     snapshot = Path(found).parent
-    lacks = _snapshot_lacks(snapshot)
+    lacks = _snapshot_lacks(snapshot, processor)
     if lacks:
         raise _not_cached(model_id, revision, f"its cached snapshot {snapshot} lacks {', '.join(lacks)}")
+    return snapshot
+
+
+def _load_processor(spec: str) -> tuple[Any, str]:
+    """A CLIPProcessor from a folder or a cached hub id[@revision], and what names it in extractor ids."""
+    from transformers import CLIPProcessor
+
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        where, name = folder, f"{folder.resolve()}@{_fingerprint([p for p in folder.iterdir() if p.is_file()])}"
+    else:
+        model_id, revision = _split_revision(spec, None)
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model_id, "config.json", revision=revision)
+        if not isinstance(found, str):
+            found = try_to_load_from_cache(model_id, "preprocessor_config.json", revision=revision)
+        if not isinstance(found, str):
+            raise _not_cached(model_id, revision, "its processor is not in the Hugging Face cache")
+        where = Path(found).parent
+        name = f"{model_id}@{where.name}"
+    lacks = [m for m in _snapshot_lacks(where) if "weights" not in m]
+    if lacks:
+        raise ProbeError(f"the CLIP processor {spec!r} ({where}) lacks {', '.join(lacks)}")
+    try:
+        return CLIPProcessor.from_pretrained(where, local_files_only=True), name
+    except OSError as error:
+        raise ProbeError(f"cannot load the CLIP processor {spec!r} from {where}: {error}") from error
+
+
+def _load_hub(model_id: str, revision: str, device: str, dtype: str, processor_spec: str | None = None) -> Encoders:
+    """From the local HF cache only; the snapshot folder's name is the resolved commit."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    snapshot = _cached_snapshot(model_id, revision, processor=processor_spec is None)
     try:
         config = CLIPConfig.from_pretrained(snapshot, local_files_only=True)
-        processor = CLIPProcessor.from_pretrained(snapshot, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(snapshot, local_files_only=True) if processor_spec is None else None
     except OSError as error:
         raise _not_cached(model_id, revision, f"incomplete in the cache ({error})") from error
+    processor_id = ""
+    if processor_spec is not None:
+        processor, processor_id = _load_processor(processor_spec)
 
     def load() -> Any:
         return CLIPModel.from_pretrained(snapshot, local_files_only=True)
 
-    return _hf_encoders(load, processor, device, model_id, snapshot.name, dtype, _text_positions(config))
+    encoders = _hf_encoders(load, processor, device, model_id, snapshot.name, dtype, _text_positions(config))
+    encoders.processor_id = processor_id
+    return encoders
 
 
-def _load_folder(folder: Path, device: str, dtype: str) -> Encoders:
+def _load_folder(folder: Path, device: str, dtype: str, processor_spec: str | None = None) -> Encoders:
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-    lacks = _snapshot_lacks(folder)
+    lacks = _snapshot_lacks(folder, processor=processor_spec is None)
     if lacks:
         raise ProbeError(f"cannot load a CLIP model from folder {folder}: it lacks {', '.join(lacks)}")
     try:
         config = CLIPConfig.from_pretrained(folder, local_files_only=True)
-        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True) if processor_spec is None else None
     except OSError as error:
         raise ProbeError(f"cannot load a CLIP model from folder {folder}: {error}") from error
+    processor_id = ""
+    if processor_spec is not None:
+        processor, processor_id = _load_processor(processor_spec)
     revision = _fingerprint([path for path in folder.iterdir() if path.is_file()])
 
     def load() -> Any:
@@ -226,7 +280,9 @@ def _load_folder(folder: Path, device: str, dtype: str) -> Encoders:
         except OSError as error:
             raise ProbeError(f"cannot load a CLIP model from folder {folder}: {error}") from error
 
-    return _hf_encoders(load, processor, device, str(folder), revision, dtype, _text_positions(config))
+    encoders = _hf_encoders(load, processor, device, str(folder), revision, dtype, _text_positions(config))
+    encoders.processor_id = processor_id
+    return encoders
 
 
 def _text_positions(config: Any) -> int:
@@ -289,13 +345,18 @@ def _load_open_clip(arch: str, weights: Path, device: str, dtype: str) -> Encode
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text)) + 2  # start and end tokens
 
+    def logit_scale() -> float:
+        return float(get_model().logit_scale.detach().float().exp())
+
     return Encoders(f"open_clip:{arch}", _fingerprint([weights]), preprocessing, tokenizer.context_length,
-                    encode_images, encode_texts, count_tokens, dtype)
+                    encode_images, encode_texts, count_tokens, dtype, logit_scale)
 
 
-def load_encoders(spec: str, device: str = "cpu", revision: str | None = None, dtype: str | None = None) -> Encoders:
+def load_encoders(spec: str, device: str = "cpu", revision: str | None = None, dtype: str | None = None,
+                  processor: str | None = None) -> Encoders:
     """Load the CLIP model a spec names: "tiny", a folder, "open_clip:ARCH:FILE", or a hub id[@revision], in
-    `dtype` (default: `clip_dtype(device)`)."""
+    `dtype` (default: `clip_dtype(device)`); `processor` (a folder or hub id) supplies the tokenizer and image
+    processor of a Hugging Face model whose own folder has none (PickScore)."""
     dtype = dtype or clip_dtype(device)
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ProbeError(f"CLIP dtype must be float32, float16 or bfloat16, not {dtype!r}")
@@ -308,6 +369,6 @@ def load_encoders(spec: str, device: str = "cpu", revision: str | None = None, d
         return _load_open_clip(parts[1], Path(parts[2]).expanduser(), device, dtype)
     folder = Path(spec).expanduser()
     if folder.is_dir():
-        return _load_folder(folder.resolve(), device, dtype)
+        return _load_folder(folder.resolve(), device, dtype, processor)
     model_id, resolved = _split_revision(spec, revision)
-    return _load_hub(model_id, resolved, device, dtype)
+    return _load_hub(model_id, resolved, device, dtype, processor)
