@@ -46,10 +46,14 @@ def test_a_lost_node_s_batches_are_made_on_the_live_node(write_suite, tmp_path):
     from probe.generate.ray_executor import RayExecutor
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    second = cluster.add_node(num_cpus=1)
     executor = None
     try:
+        # The driver joins before the second node exists, so it attaches to the head's raylet: a driver attached
+        # to the raylet that is then removed is ended by Ray itself (both raylets share 127.0.0.1).
         ray.init(address=cluster.address)
+        second = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        assert ray.get_runtime_context().get_node_id() == cluster.head_node.node_id
         executor = RayExecutor(workers=2, start_timeout=30).connect()  # one actor per node (1 CPU each)
         progress = LoseNodeAfterFirstBatch(cluster, second)
         summary = run_suite(write_suite(SUITE), RunOptions(reports_root=tmp_path / "out", cache_dir=tmp_path / "c",

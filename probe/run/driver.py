@@ -295,7 +295,18 @@ def score_and_aggregate(run_dir: Path, loaded: LoadedSuite, scoring: Scoring, pr
     write_parquet_atomic(aggregate(frame, scores), run_dir / "aggregates.parquet")
     subject = loaded.suite.models[0].label
     write_parquet_atomic(paired_deltas(frame, scores, subject), run_dir / "deltas.parquet")
+    write_preference(run_dir, frame, scores)
     return configs, failures
+
+
+def write_preference(run_dir: Path, jobs: Any, scores: Any) -> None:
+    """preference.parquet (win rates of every configuration against every other) and elo.parquet."""
+    from probe.analyse.preference import preference_tables
+    from probe.store.atomic import write_parquet_atomic
+
+    wins, elo = preference_tables(jobs, scores)
+    write_parquet_atomic(wins, run_dir / "preference.parquet")
+    write_parquet_atomic(elo, run_dir / "elo.parquet")
 
 
 def _preflight(todo: Sequence[Job], prepare: Callable[[], Scoring],

@@ -390,6 +390,9 @@ def _score_on(request: ScoreRequest, rows: list[dict[str, str]], specs: list[Met
     write_parquet_atomic(aggregate(jobs, scores), run.path / "aggregates.parquet")
     models = list(dict.fromkeys(jobs["model"]))
     write_parquet_atomic(paired_deltas(jobs, scores, models[0]), run.path / "deltas.parquet")
+    from probe.run.driver import write_preference
+
+    write_preference(run.path, jobs, scores)
     failures = list(getattr(counts, "failures", []))  # images or groups a metric raised on: no row, not complete
     run.write_manifest(manifest.model_copy(update={
         "status": "failed" if failures else "complete", "finished_at": now_iso(),

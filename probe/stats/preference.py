@@ -84,7 +84,8 @@ def win_rate(results: np.ndarray, prompts: np.ndarray, *, n_resamples: int = N_R
     if replicates is None:
         return WinRate(rate, float("nan"), float("nan"), float("nan"), len(results), k, ties)
     alpha = (1 - confidence) / 2
-    low, high = widened(rate, *np.quantile(replicates, [alpha, 1 - alpha]), k, confidence)
+    q_low, q_high = np.quantile(replicates, [alpha, 1 - alpha])
+    low, high = widened(rate, q_low, q_high, k, confidence)
     low, high = np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)
     extreme = np.sum(np.abs(replicates - rate) >= abs(rate - 0.5) - 1e-12)
     p_value = min(1.0, (extreme + 1) / (len(replicates) + 1))
@@ -167,5 +168,6 @@ def elo_ratings(player_a: np.ndarray, player_b: np.ndarray, score_a: np.ndarray,
         replicates.append(to_elo(fit_bradley_terry(per_prompt[picks].sum(axis=1))))
     stacked = np.concatenate(replicates)
     alpha = (1 - confidence) / 2
-    low, high = widened(elo, *np.quantile(stacked, [alpha, 1 - alpha], axis=0), k, confidence)
+    q_low, q_high = np.quantile(stacked, [alpha, 1 - alpha], axis=0)
+    low, high = widened(elo, q_low, q_high, k, confidence)
     return Ratings(elo, low, high, games, k)

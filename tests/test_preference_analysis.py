@@ -1,0 +1,85 @@
+"""preference.parquet and elo.parquet of a tiny run: every win rate is the hand count over pairs, the two sides
+of a pair add to one, Holm's column is the adjustment of the family's p-values, and Elo orders configurations
+as their win rates do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from probe.run.driver import RunOptions, run_suite
+from probe.stats.preference import holm
+
+SUITE = """
+name: prefs
+models: [tiny, {preset: tiny, name: tiny-cfg, steps: [2], guidance: 3.0}]
+seeds: 3
+probes:
+  - name: p
+    prompts: [a red apple on a table, a lighthouse at dusk, a bowl of soup, two cats on a sofa]
+    steps: [1, 2]
+    metrics: [clip_score, pickscore]
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefs")
+    suite = root / "suite.yaml"
+    suite.write_text(SUITE)
+    summary = run_suite(suite, RunOptions(reports_root=root / "out", cache_dir=root / "cache"))
+    assert not summary.failures
+    return summary.run_dir
+
+
+def _values(run_dir, metric: str, model: str, steps: int) -> pd.Series:
+    jobs = pd.read_parquet(run_dir / "jobs.parquet")
+    scores = pd.read_parquet(run_dir / "scores.parquet")
+    rows = scores[(scores["metric"] == metric) & scores["key"].notna()][["key", "value"]]
+    mine = jobs[(jobs["model"] == model) & (jobs["steps"] == steps)].merge(rows, on="key")
+    return mine.set_index(["prompt", "seed"])["value"]
+
+
+def test_win_rates_are_the_hand_count_over_pairs(run):
+    wins = pd.read_parquet(run / "preference.parquet")
+    assert set(wins["metric"]) == {"clip_score", "pickscore"}
+    configs = {("tiny", 1), ("tiny", 2), ("tiny-cfg", 2)}
+    assert set(zip(wins["model"], wins["steps"], strict=True)) == configs
+    for metric in ("clip_score", "pickscore"):
+        a, b = _values(run, metric, "tiny", 1), _values(run, metric, "tiny-cfg", 2)
+        both = pd.concat([a, b], axis=1, keys=["a", "b"]).dropna()
+        expected = float(np.mean(np.where(both.a == both.b, 0.5, (both.a > both.b).astype(float))))
+        row = wins[(wins["metric"] == metric) & (wins["model"] == "tiny") & (wins["steps"] == 1)
+                   & (wins["opponent"] == "tiny-cfg")].iloc[0]
+        assert row["win_rate"] == pytest.approx(expected) and row["n_pairs"] == len(both) == 12
+        assert row["n_prompts"] == 4 and row["low"] <= row["win_rate"] <= row["high"]
+        back = wins[(wins["metric"] == metric) & (wins["model"] == "tiny-cfg") & (wins["opponent"] == "tiny")
+                    & (wins["opponent_steps"] == 1)].iloc[0]
+        assert back["win_rate"] == pytest.approx(1 - expected)
+        assert back["low"] == pytest.approx(1 - row["high"]) and back["p_value"] == row["p_value"]
+
+
+def test_holm_runs_over_each_metrics_pairs_of_configurations(run):
+    wins = pd.read_parquet(run / "preference.parquet")
+    for _, family in wins.groupby("metric"):
+        firsts = family.iloc[::2]  # one row per unordered pair (its mirror follows it)
+        assert len(firsts) == 3  # three configurations, three pairs
+        np.testing.assert_allclose(firsts["p_holm"], holm(firsts["p_value"].to_numpy()))
+        np.testing.assert_allclose(family.iloc[1::2]["p_holm"], firsts["p_holm"])
+        assert (family["significant_holm"] == (family["p_holm"] < 0.05)).all()
+        assert (family["significant"] == ((family["low"] > 0.5) | (family["high"] < 0.5))).all()
+
+
+def test_elo_orders_configurations_as_their_win_rates_and_carries_their_speed(run):
+    wins = pd.read_parquet(run / "preference.parquet")
+    elo = pd.read_parquet(run / "elo.parquet")
+    for metric, table in elo.groupby("metric"):
+        assert len(table) == 3 and np.isclose(table["elo"].mean(), 1000.0)
+        assert ((table["low"] <= table["elo"]) & (table["elo"] <= table["high"])).all()
+        assert (table["seconds_per_image"] > 0).all()
+        mean_rate = wins[wins["metric"] == metric].groupby(["model", "steps"])["win_rate"].mean()
+        by_elo = table.set_index(["model", "steps"])["elo"]
+        strongest = by_elo.idxmax()
+        if mean_rate.max() - mean_rate.drop(strongest).max() > 0.05:  # a clear winner wins on both
+            assert mean_rate.idxmax() == strongest
