@@ -5,7 +5,9 @@ A rule names a metric and a scope (probe, model, steps) and one kind of bound:
 - `max_drop`: how far quality may fall against the baseline, in the metric's bad direction (clip_score
   falling, cmmd rising);
 - `max_increase`: how far the value may rise against the baseline (e.g. a bias gap: `reference_gap`,
-  `parity_gap` and `feminine_share` are computed from perceived_gender labels per group, see probe/gate/bias_gaps.py).
+  `parity_gap` and `feminine_share` are computed from perceived_gender labels per group, see probe/gate/bias_gaps.py);
+- `min_win_rate` with `against: MODEL`: the least share of paired images on which the scope beats another model
+  of the same run (probe/gate/wins.py), no baseline needed.
 Mode `significant` (the default) fails only when the 95% CI of the (paired) change, or of the mean for a
 bound, lies entirely beyond the tolerance; `strict` compares point estimates.
 
@@ -32,6 +34,7 @@ from probe.gate.baseline import Baseline
 from probe.gate.bias_gaps import BIAS_GAPS, bias_outcomes
 from probe.gate.sets import set_outcomes
 from probe.gate.verdict import Outcome, Rule, Verdict, decide, nothing, rules_from_checks, sign_of
+from probe.gate.wins import win_outcomes
 from probe.stats.bootstrap import cluster_bootstrap
 
 SCOPE = ["probe", "model", "steps", "strength"]
@@ -62,6 +65,8 @@ def evaluate(run: RunLike, baseline: Baseline | None, rules: list[Rule], *, allo
     for rule in rules:
         if rule.metric in BIAS_GAPS:
             outcomes = bias_outcomes(rule, images, run.jobs, baseline)
+        elif rule.bound[0] == "min_win_rate":
+            outcomes = win_outcomes(rule, images)
         else:
             outcomes = _evaluate_rule(rule, images, sets, baseline)
         verdict.outcomes.extend(outcomes or [nothing(rule, {}, "no group in scope")])

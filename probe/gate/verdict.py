@@ -16,7 +16,7 @@ from pydantic import ValidationError, model_validator
 
 from probe.errors import UsageError, suggest
 from probe.spec.metric_catalog import direction_of
-from probe.spec.schema import Check
+from probe.spec.schema import BOUND_KINDS, Check
 
 Mode = Literal["strict", "significant"]
 
@@ -24,7 +24,7 @@ Mode = Literal["strict", "significant"]
 Status = Literal["pass", "fail", "inconclusive"]
 
 
-BOUNDS = ("min", "max", "max_drop", "max_increase")
+BOUNDS = BOUND_KINDS
 
 
 class Rule(Check):
@@ -117,7 +117,7 @@ def _typed(key: str, value: str) -> Any:
             return float(value)
         except ValueError:
             return value
-    if key == "steps" and value.isascii() and value.isdigit():
+    if key in ("steps", "against_steps") and value.isascii() and value.isdigit():
         return int(value)
     return value
 
@@ -166,11 +166,12 @@ def decide(rule: Rule, group: dict[str, Any], estimate: float, low: float | None
         return nothing(rule, group, f"estimate {estimate:.4g} has no CI (fewer than 2 prompts or groups?); "
                                      "use mode: strict to judge the point estimate", float(estimate), n, base)
     significant = rule.mode == "significant"
-    if kind == "min":
+    if kind in ("min", "min_win_rate"):
         failed = (high < tol) if significant else (estimate < tol)  # type: ignore[operator]
     else:  # max, max_drop, max_increase: the checked quantity must not exceed tol
         failed = (low > tol) if significant else (estimate > tol)  # type: ignore[operator]
-    what = {"min": "mean", "max": "mean", "max_drop": "drop", "max_increase": "increase"}[kind]
+    what = {"min": "mean", "max": "mean", "max_drop": "drop", "max_increase": "increase",
+            "min_win_rate": "win rate"}[kind]
     ci = f" [{low:.4g}, {high:.4g}]" if has_ci else ""
     mode = "CI" if significant else "point estimate"
     detail = f"{what} {estimate:.4g}{ci} vs {kind} {tol:g} ({mode}, n={n})"

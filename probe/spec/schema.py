@@ -281,27 +281,43 @@ class Check(StrictModel):
     max: Float | None = None
     max_drop: Float | None = None
     max_increase: Float | None = None
+    min_win_rate: Float | None = None
+    """The least share of paired images (ties half) on which `model` must beat the `against` model."""
+    against: str | None = None
+    """The opponent model (its label) of a `min_win_rate` check."""
+    against_steps: Steps | None = None
+    """The opponent's steps (default: each of its step counts is judged)."""
     mode: Literal["strict", "significant"] = "significant"
 
     @model_validator(mode="after")
     def _one_bound(self) -> Check:
-        given = [k for k in ("min", "max", "max_drop", "max_increase") if getattr(self, k) is not None]
+        given = [k for k in BOUND_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of min, max, max_drop or max_increase")
+            raise ValueError("give exactly one of min, max, max_drop, max_increase or min_win_rate")
+        if self.min_win_rate is not None and not self.against:
+            raise ValueError("min_win_rate needs `against`: the model whose paired images are to be beaten")
+        if self.min_win_rate is None and (self.against or self.against_steps is not None):
+            raise ValueError("against and against_steps belong to a min_win_rate check")
+        if self.min_win_rate is not None and not 0 <= self.min_win_rate <= 1:
+            raise ValueError(f"min_win_rate is a share between 0 and 1, not {self.min_win_rate}")
         return self
 
     @property
     def bound(self) -> tuple[str, float]:
         """(kind, tolerance) of the one bound this check sets."""
-        kind = next(k for k in ("min", "max", "max_drop", "max_increase") if getattr(self, k) is not None)
+        kind = next(k for k in BOUND_KINDS if getattr(self, k) is not None)
         return kind, float(getattr(self, kind))
 
     @property
     def title(self) -> str:
         """E.g. 'clip_score[probe=quality] max_drop 0.5 (significant)'."""
-        scope = ",".join(f"{k}={v}" for k in ("probe", "model", "steps") if (v := getattr(self, k)) is not None)
+        keys = ("probe", "model", "steps", "against", "against_steps")
+        scope = ",".join(f"{k}={v}" for k in keys if (v := getattr(self, k)) is not None)
         kind, value = self.bound
         return f"{self.metric}[{scope or 'all'}] {kind} {value:g} ({self.mode})"
+
+
+BOUND_KINDS = ("min", "max", "max_drop", "max_increase", "min_win_rate")
 
 
 def _seed_list(value: Any, info: ValidationInfo) -> Any:
