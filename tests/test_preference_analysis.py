@@ -83,3 +83,33 @@ def test_elo_orders_configurations_as_their_win_rates_and_carries_their_speed(ru
         strongest = by_elo.idxmax()
         if mean_rate.max() - mean_rate.drop(strongest).max() > 0.05:  # a clear winner wins on both
             assert mean_rate.idxmax() == strongest
+
+
+def test_the_report_shows_the_preference_section_with_the_tables_numbers(run, tmp_path):
+    from pathlib import Path
+
+    from probe.report.build import build_report
+    from tests.chrome import CHROMIUM, Chrome
+
+    html = build_report(run).read_text()
+    section = html[html.index('<section id="preference">'):]
+    section = section[:section.index("</section>")]
+    wins = pd.read_parquet(run / "preference.parquet")
+    clip = wins[(wins["metric"] == "clip_score") & (wins["model"] == "tiny") & (wins["opponent"] == "tiny-cfg")]
+    for rate in clip["win_rate"]:
+        assert f"{rate:.2f}" in section
+    # The suite scores no aesthetic, so image quality falls back to pickscore, prompt following is clip_score.
+    assert "image quality is read\nfrom <strong>pickscore</strong>" in section
+    assert "prompt following from\n<strong>clip_score</strong>" in section
+    for name in ("winrate-image-quality.png", "winrate-prompt-following.png", "elo-speed-clip-score.png"):
+        assert (run / "assets" / "plots" / name).stat().st_size > 5_000 and name in section
+    elo = pd.read_parquet(run / "elo.parquet")
+    assert all(f"{e:.0f}" in section for e in elo["elo"])
+    if not Path(CHROMIUM).exists():
+        pytest.skip("the browser half needs Debian's chromium")
+    with Chrome(tmp_path / "profile") as chrome:
+        chrome.open((run / "index.html").as_uri())
+        assert chrome.problems() == []
+        shown = chrome.evaluate("[...document.querySelectorAll('#preference img')].filter(i => i.naturalWidth)"
+                                ".length", timeout=60)
+        assert shown == 4  # two win-rate charts, two speed plots

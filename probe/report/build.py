@@ -22,6 +22,7 @@ from probe.report.fmt import remember_outputs
 from probe.report.grids import Thumbnails, init_images, probe_grid
 from probe.report.methods import methods, warnings
 from probe.report.plots import quality_plots
+from probe.report.preference import preference_section
 from probe.report.tables import paired, summary
 from probe.report.text import text_section
 from probe.store.atomic import atomic_write_bytes
@@ -67,7 +68,8 @@ def report_context(data: RunData, baseline: RunData | None = None) -> dict[str, 
         "title": f"probe report: {manifest.get('suite_name') or data.path.parent.name}",
         "run": data.name, "manifest": manifest, "subject": data.subject, "models": data.models,
         "baselines": [m for m in data.models if m != data.subject], "probes": probes,
-        "bias": bias_section(data), "compare": compare_runs(data, baseline) if baseline else None,
+        "bias": bias_section(data), "preference": preference_section(data, assets / "plots"),
+        "compare": compare_runs(data, baseline) if baseline else None,
         "warnings": warnings(data), "methods": methods(data),
         "rendered_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "has_text": any(p["text"] for p in probes),

@@ -346,6 +346,17 @@ def _positive_unique(value: list[int] | None, what: str) -> list[int] | None:
     return value
 
 
+class PreferenceProxies(StrictModel):
+    """Which per-image metrics the report's Preference section charts as the model card's two questions.
+
+    None picks the first of the defaults the run scored: image quality from aesthetic, pickscore, hps;
+    prompt following from clip_score, pickscore, hps (probe.report.preference).
+    """
+
+    quality: str | None = None
+    prompt_following: str | None = None
+
+
 class Suite(StrictModel):
     """A declarative evaluation: models x probes x grid. The first model is the subject."""
 
@@ -359,6 +370,7 @@ class Suite(StrictModel):
     )
     probes: list[Probe] = Field(min_length=1)
     checks: list[Check] = Field(default_factory=list)
+    preference: PreferenceProxies = Field(default_factory=PreferenceProxies)
 
     _size = field_validator("size", mode="before")(_size_pair)
 
@@ -377,6 +389,7 @@ class Suite(StrictModel):
 
 ALL_FIELD_NAMES: frozenset[str] = frozenset(
     name
-    for model in (Suite, Probe, ModelEntry, PromptEntry, PromptFile, VarValue, VarFile, Check, MetricSpec, MetricReference)
+    for model in (Suite, Probe, ModelEntry, PromptEntry, PromptFile, VarValue, VarFile, Check, MetricSpec, MetricReference,
+                  PreferenceProxies)
     for name in model.model_fields
 )
