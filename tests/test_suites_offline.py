@@ -185,6 +185,9 @@ def test_shipped_suite_validates_and_runs_offline_on_tiny(name: str, tmp_path: P
     assert (run / "index.html").is_file()
     scores = pd.read_parquet(run / "scores.parquet")
     assert len(scores) > 0
+    if name == "preference.yaml":  # the preference models ran on their stand-ins, and the pairs were compared
+        assert {"pickscore", "hps", "aesthetic"} <= set(scores["metric"])
+        assert len(pd.read_parquet(run / "preference.parquet")) > 0 and len(pd.read_parquet(run / "elo.parquet")) > 0
     if name == "quality.yaml":  # FID/KID ran, on the stand-in
         assert {"fid", "kid"} <= set(scores["metric"]) and scores[scores["metric"] == "fid"]["value"].notna().all()
         assert "random-stand-in-for-inception-v3" in (run / "manifest.json").read_text()

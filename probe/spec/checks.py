@@ -119,6 +119,9 @@ def check_probes(suite: Suite, base: Path, issues: list[Issue]) -> None:
             issues.append((("checks", index, "probe"), f"unknown probe {check.probe!r}{suggest(check.probe, names)}"))
         if check.model is not None and check.model not in labels:
             issues.append((("checks", index, "model"), f"unknown model {check.model!r}{suggest(check.model, labels)}"))
+        if check.against is not None and check.against not in labels:
+            issues.append((("checks", index, "against"),
+                           f"unknown model {check.against!r}{suggest(check.against, labels)}"))
 
 
 def _check_check_metric(metric: str, where: FieldPath, issues: list[Issue]) -> None:

@@ -169,7 +169,7 @@ class Hps(_ClipPreference):
 
     Args:
         weights: the checkpoint file (HPS_v2.1_compressed.pt; open_clip reads its `state_dict`); default
-            `$PROBE_HPS_WEIGHTS`, else ~/.cache/hpsv2/HPS_v2.1_compressed.pt (where hpsv2 keeps it).
+            `$PROBE_HPS_WEIGHTS`, else HPS_v2.1_compressed.pt in `$HPS_ROOT` or ~/.cache/hpsv2 (where hpsv2 keeps it).
         arch: the open_clip architecture the checkpoint fits.
     """
 
@@ -187,8 +187,8 @@ class Hps(_ClipPreference):
         if self._stand_in(ctx):
             _warn_stand_in(ctx, self.name)
             return clip_backend(ctx, "tiny")
-        path = weights_file(self.weights, HPS_WEIGHTS_ENV, Path.home() / ".cache" / "hpsv2" / HPS_FILE,
-                            "HPS v2.1", HPS_URL, ctx.base_dir)
+        root = Path(os.environ["HPS_ROOT"]) if os.environ.get("HPS_ROOT") else Path.home() / ".cache" / "hpsv2"
+        path = weights_file(self.weights, HPS_WEIGHTS_ENV, root / HPS_FILE, "HPS v2.1", HPS_URL, ctx.base_dir)
         return clip_backend(ctx, f"open_clip:{self.arch}:{path}")
 
     def config(self, ctx: ScoringContext) -> dict[str, Any]:
