@@ -105,6 +105,20 @@ class Run:
         return with_series(stored) if stored is not None else paired_deltas(self.jobs, self.scores,
                                                                                           self.subject)
 
+    def win_rates(self) -> pd.DataFrame:
+        """Every configuration's win rate against every other per directional metric (preference.parquet)."""
+        return self._preference()[0]
+
+    def elo(self) -> pd.DataFrame:
+        """Bradley-Terry Elo of every configuration per directional metric, with CIs (elo.parquet)."""
+        return self._preference()[1]
+
+    def _preference(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        from probe.analyse.preference import preference_tables
+
+        wins, elo = read_derived(self.path / "preference.parquet"), read_derived(self.path / "elo.parquet")
+        return (wins, elo) if wins is not None and elo is not None else preference_tables(self.jobs, self.scores)
+
     def image_path(self, key: str) -> Path:
         """Where the image for a job key lives in this run folder."""
         rows = self.jobs.loc[(self.jobs["key"] == key) & self.jobs["image"].notna(), "image"]

@@ -113,3 +113,16 @@ def test_the_report_shows_the_preference_section_with_the_tables_numbers(run, tm
         shown = chrome.evaluate("[...document.querySelectorAll('#preference img')].filter(i => i.naturalWidth)"
                                 ".length", timeout=60)
         assert shown == 4  # two win-rate charts, two speed plots
+
+
+def test_the_python_api_reads_the_same_tables_and_recomputes_them_when_missing(run, tmp_path):
+    import shutil
+
+    import probe
+
+    loaded = probe.load_run(run)
+    pd.testing.assert_frame_equal(loaded.win_rates(), pd.read_parquet(run / "preference.parquet"))
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("preference.parquet", "elo.parquet", "assets"))
+    again = probe.load_run(copy)
+    pd.testing.assert_frame_equal(again.elo(), pd.read_parquet(run / "elo.parquet"))

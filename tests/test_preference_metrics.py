@@ -225,3 +225,14 @@ probes:
     assert scores.groupby("metric")["value"].count().to_dict() == {"aesthetic": 4, "hps": 4, "pickscore": 4}
     configs = json.loads((summary.run_dir / "manifest.json").read_text())["metrics"]
     assert all("random-stand-in" in configs[name]["weights"] for name in ("pickscore", "hps", "aesthetic"))
+
+
+def test_aesthetic_reuses_the_runs_clip_embeddings(clip_folder, tmp_path):
+    torch.save(ReferenceMLP(16).state_dict(), tmp_path / "mlp.pth")
+    ctx = _ctx(tmp_path, clip_model=str(clip_folder))
+    items = _items(tmp_path)
+    _values("clip_score", {}, items, ctx)
+    computed = ctx.features.misses  # three images and three prompts
+    _values("aesthetic", {"weights": str(tmp_path / "mlp.pth"), "clip": str(clip_folder)}, items, ctx)
+    assert computed == 6 and ctx.features.misses == computed  # not one image embedded again
+    assert len(ctx.shared_names("clip:")) == 1  # one CLIP loaded for both

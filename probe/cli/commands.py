@@ -280,7 +280,9 @@ def baseline_save(
 def check(
     run_dir: Annotated[Path, typer.Argument(help="Run directory to gate.")],
     baseline: Annotated[Path | None, typer.Option(help="Baseline JSON (probe baseline save) or run directory.")] = None,
-    rule: Annotated[list[str] | None, typer.Option(help="Extra rule, e.g. clip_score:probe=p,max_drop=0.5 (repeat).")] = None,
+    rule: Annotated[list[str] | None, typer.Option(help=(
+        "Extra rule, e.g. clip_score:probe=p,max_drop=0.5 or "
+        "pickscore:model=sd-turbo,against=lcm-lora-sdxl,min_win_rate=0.5 (repeat)."))] = None,
     junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here (one test case per rule).")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown summary here (CI job summary).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON verdict here.")] = None,
