@@ -126,3 +126,17 @@ def test_the_python_api_reads_the_same_tables_and_recomputes_them_when_missing(r
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("preference.parquet", "elo.parquet", "assets"))
     again = probe.load_run(copy)
     pd.testing.assert_frame_equal(again.elo(), pd.read_parquet(run / "elo.parquet"))
+
+
+
+def test_images_without_step_counts_are_compared_by_model(run):
+    from probe.analyse.preference import preference_tables
+    from probe.store.tables import load_run_tables
+
+    tables = load_run_tables(run)
+    jobs = tables.jobs.copy()
+    jobs.loc[jobs["model"] == "tiny-cfg", "steps"] = None  # as `probe score` records images made elsewhere
+    wins, elo = preference_tables(jobs, tables.scores)
+    against = wins[(wins["opponent"] == "tiny-cfg") & (wins["metric"] == "clip_score")]
+    assert len(against) == 2 and against["opponent_steps"].isna().all()
+    assert elo[elo["model"] == "tiny-cfg"]["steps"].isna().all()

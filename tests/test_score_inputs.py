@@ -63,7 +63,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "metric argument not a choice": (options("--metrics", "kid:features=clap", "--reference", "ROOT/ref"),
                                      "'inception' or 'clip'"),
     "metric arguments without =": (options("--metrics", "kid:features"), "arguments look like name:key=value"),
-    "unknown metric": (options("--metrics", "clip_scor"), "unknown metric 'clip_scor' (did you mean 'clip_score'?)"),
+    "unknown metric": (options("--metrics", "clip_scor"), "unknown metric 'clip_scor' (did you mean 'clip_score'"),
     "metric listed twice": (options("--metrics", "clip_score", "--metrics", "clip_score"), "listed twice"),
     "empty --reference": (options("--metrics", "cmmd", "--reference", "ROOT/empty"), "no images in --reference"),
     "--reference a file": (options("--metrics", "cmmd", "--reference", "ROOT/ok.csv"), "not a folder"),

@@ -52,17 +52,17 @@ def preference_tables(jobs: pd.DataFrame, scores: pd.DataFrame) -> tuple[pd.Data
 
 
 def _family(family: dict[str, object], group: pd.DataFrame,
-            seconds: dict[tuple[str, int], float]) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+            seconds: dict[tuple[str, int | None], float]) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     higher = direction_of(str(family["metric"])) == "higher"
-    configs = sorted({(str(m), int(s)) for m, s in zip(group["model"], group["steps"], strict=True)})
+    configs = sorted({(str(m), _steps(s)) for m, s in zip(group["model"], group["steps"], strict=True)},
+                     key=lambda c: (c[0], -1 if c[1] is None else c[1]))
     if len(configs) < 2:
         return [], []
     index = {config: i for i, config in enumerate(configs)}
     rows: list[dict[str, object]] = []
     games: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for a, b in combinations(configs, 2):
-        left = group[(group["model"] == a[0]) & (group["steps"] == a[1])]
-        right = group[(group["model"] == b[0]) & (group["steps"] == b[1])]
+        left, right = group[_is(group, a)], group[_is(group, b)]
         merged = pair(left, right, extra=["series", "metric"])
         if merged.empty:
             continue
@@ -89,6 +89,16 @@ def _family(family: dict[str, object], group: pd.DataFrame,
     return rows, elo
 
 
+def _steps(value: object) -> int | None:
+    """Steps as an int; None for images made elsewhere (`probe score`), which carry no step count."""
+    return None if pd.isna(value) else int(value)  # type: ignore[call-overload]
+
+
+def _is(group: pd.DataFrame, config: tuple[str, int | None]) -> pd.Series:
+    steps = group["steps"].isna() if config[1] is None else group["steps"] == config[1]
+    return (group["model"] == config[0]) & steps
+
+
 def _mark(rows: list[dict[str, object]]) -> None:
     """Holm over the family's unordered pairs (each appears twice, once per side, with one p-value)."""
     p = np.array([float(r["p_value"]) for r in rows[::2]])  # type: ignore[arg-type]
@@ -100,10 +110,10 @@ def _mark(rows: list[dict[str, object]]) -> None:
         row["significant_holm"] = bool(adjusted[i // 2] < ALPHA)
 
 
-def _seconds_per_image(jobs: pd.DataFrame) -> dict[tuple[str, int], float]:
+def _seconds_per_image(jobs: pd.DataFrame) -> dict[tuple[str, int | None], float]:
     """Mean generation seconds per image of each (model, steps): Elo against speed."""
     if "seconds" not in jobs.columns:
         return {}
     made = jobs[jobs["seconds"].notna() & jobs["image"].notna()]
     means = made.groupby(["model", "steps"])["seconds"].mean()
-    return {(str(m), int(s)): float(v) for (m, s), v in means.items()}
+    return {(str(m), _steps(s)): float(v) for (m, s), v in means.items()}

@@ -46,6 +46,11 @@ def proxies(data: RunData, wins: pd.DataFrame) -> dict[str, str]:
     return picks
 
 
+def _config(model: object, steps: object) -> str:
+    """`model @ steps`, or just the model for images made elsewhere (no step count)."""
+    return str(model) if pd.isna(steps) else f"{model} @ {int(steps)}"  # type: ignore[call-overload]
+
+
 def _ci(low: float, high: float, digits: int = 2) -> str:
     return "" if math.isnan(low) or math.isnan(high) else f"[{low:.{digits}f}, {high:.{digits}f}]"
 
@@ -69,8 +74,8 @@ def preference_section(data: RunData, out: Path) -> dict[str, Any] | None:
         charts.append({"file": f"{prefix}/{name}", "question": question, "metric": metric,
                        "alt": f"win rate of {subject} against each baseline on {metric} ({question}), 95% CIs"})
         for r in mine.itertuples():
-            rows.append({"question": question, "metric": metric, "subject": f"{r.model} @ {r.steps}",
-                         "probe": r.probe, "opponent": f"{r.opponent} @ {r.opponent_steps}",
+            rows.append({"question": question, "metric": metric, "subject": _config(r.model, r.steps),
+                         "probe": r.probe, "opponent": _config(r.opponent, r.opponent_steps),
                          "rate": f"{r.win_rate:.2f}", "ci": _ci(r.low, r.high), "n": int(r.n_pairs),
                          "p_holm": f"{r.p_holm:.3g}", "holm": bool(r.significant_holm),
                          "better": r.win_rate > 0.5})
@@ -79,7 +84,7 @@ def preference_section(data: RunData, out: Path) -> dict[str, Any] | None:
     for metric in metrics:
         table = elo[elo["metric"] == metric].sort_values("elo", ascending=False)
         for r in table.itertuples():
-            elo_rows.append({"metric": metric, "probe": r.probe, "config": f"{r.model} @ {r.steps}",
+            elo_rows.append({"metric": metric, "probe": r.probe, "config": _config(r.model, r.steps),
                              "elo": f"{r.elo:.0f}", "ci": _ci(r.low, r.high, 0), "games": int(r.games),
                              "seconds": "" if math.isnan(r.seconds_per_image) else f"{r.seconds_per_image:.3g}"})
         if metric in picks.values() and not table.empty and table["seconds_per_image"].notna().any():
@@ -103,7 +108,7 @@ def _win_chart(rows: pd.DataFrame, title: str, path: Path) -> None:
     from matplotlib.figure import Figure
 
     rows = rows.sort_values(["model", "steps", "opponent", "opponent_steps"])
-    labels = [f"{r.model}@{r.steps} vs {r.opponent}@{r.opponent_steps}" for r in rows.itertuples()]
+    labels = [f"{_config(r.model, r.steps)} vs {_config(r.opponent, r.opponent_steps)}" for r in rows.itertuples()]
     figure = Figure(figsize=(5.6, 0.45 * len(rows) + 1.0), dpi=100, layout="constrained")
     axes = figure.subplots()
     rates = rows["win_rate"].to_numpy(dtype=float)
@@ -132,7 +137,7 @@ def _speed_chart(table: pd.DataFrame, models: list[str], title: str, path: Path)
         colour = colours.get(r.model, "#333333")
         yerr = [[max(r.elo - r.low, 0.0)], [max(r.high - r.elo, 0.0)]] if not math.isnan(r.low) else None
         axes.errorbar([r.seconds_per_image], [r.elo], yerr=yerr, fmt="o", color=colour, capsize=3)
-        axes.annotate(f"{r.model} {r.steps}", (r.seconds_per_image, r.elo), fontsize=7, xytext=(4, 3),
+        axes.annotate(_config(r.model, r.steps), (r.seconds_per_image, r.elo), fontsize=7, xytext=(4, 3),
                       textcoords="offset points")
     from matplotlib.ticker import FuncFormatter
 
