@@ -12,7 +12,7 @@ from probe.stats.bootstrap import cluster_bootstrap, paired_delta
 def test_matches_scipy_percentile_bootstrap_for_singleton_clusters():
     rng = np.random.default_rng(1)
     x = rng.normal(3.0, 2.0, size=60)
-    ours = cluster_bootstrap(x, n_resamples=20000, seed=3)
+    ours = cluster_bootstrap(x, n_resamples=20000, seed=3, small_sample=False)
     ref = stats.bootstrap((x,), np.mean, n_resamples=20000, method="percentile", random_state=4).confidence_interval
     assert ours.mean == pytest.approx(x.mean())
     assert ours.low == pytest.approx(ref.low, abs=0.05)

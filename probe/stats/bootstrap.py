@@ -3,7 +3,13 @@
 Written by hand because scipy.stats.bootstrap resamples observations independently: images of the same
 prompt (its seeds) are correlated, so we resample whole prompts (clusters) with replacement, which scipy
 does not offer. The percentile interval matches scipy's `method="percentile"` when every cluster holds one
-observation (tested).
+observation (tested, with `small_sample=False`).
+
+By default the interval is widened about the mean by t(k-1)/z * sqrt(k/(k-1)) for k clusters (`widened`): the
+percentile bootstrap's variance is (k-1)/k of the unbiased one and its quantiles are normal where a t belongs,
+so with few prompts it was too narrow. Simulated 95% intervals of a mean with correlated seeds (4 per prompt,
+tests/test_bootstrap_coverage.py) covered 0.85 at 6 prompts, 0.90 at 12 and 0.945 at 30 before, and
+0.95 / 0.95 / 0.94 (and 0.95 at 3 prompts) after.
 """
 
 from __future__ import annotations
@@ -14,6 +20,22 @@ import numpy as np
 
 N_RESAMPLES = 2000
 CONFIDENCE = 0.95
+
+
+def small_sample_factor(k: int, confidence: float = CONFIDENCE) -> float:
+    """How much to widen a k-cluster percentile interval about its estimate (see the module docstring)."""
+    from scipy.stats import norm, t
+
+    q = (1 + confidence) / 2
+    return float(t.ppf(q, k - 1) / norm.ppf(q) * np.sqrt(k / (k - 1)))
+
+
+def widened(estimate: np.ndarray | float, low: np.ndarray | float, high: np.ndarray | float, k: int,
+            confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """A percentile interval widened by `small_sample_factor` about the estimate (its asymmetry kept)."""
+    factor = small_sample_factor(k, confidence)
+    return (np.asarray(estimate - factor * (np.asarray(estimate) - low)),
+            np.asarray(estimate + factor * (np.asarray(high) - estimate)))
 
 
 @dataclass(frozen=True)
@@ -39,6 +61,7 @@ def cluster_bootstrap(
     n_resamples: int = N_RESAMPLES,
     confidence: float = CONFIDENCE,
     seed: int = 0,
+    small_sample: bool = True,
 ) -> Estimate:
     """Mean of `values` with a percentile CI from resampling clusters (all members move together).
 
@@ -48,6 +71,8 @@ def cluster_bootstrap(
         n_resamples: bootstrap resamples.
         confidence: interval coverage, e.g. 0.95.
         seed: seeds the resampling, so results are reproducible.
+        small_sample: widen the interval for few clusters (see the module docstring); False gives the plain
+            percentile interval.
 
     Returns:
         Estimate; the interval is NaN with fewer than two clusters.
@@ -64,6 +89,8 @@ def cluster_bootstrap(
         return Estimate(mean, float("nan"), float("nan"), k, len(values))
     alpha = (1 - confidence) / 2
     low, high = np.quantile(stats, [alpha, 1 - alpha])
+    if small_sample:
+        low, high = widened(mean, low, high, k, confidence)
     return Estimate(mean, float(low), float(high), k, len(values))
 
 

@@ -23,23 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from probe.stats.bootstrap import CONFIDENCE, N_RESAMPLES, cluster_replicates
-
-
-def small_sample_factor(k: int, confidence: float = CONFIDENCE) -> float:
-    """How much to widen a k-cluster percentile interval about its estimate (see the module docstring)."""
-    from scipy.stats import norm, t
-
-    q = (1 + confidence) / 2
-    return float(t.ppf(q, k - 1) / norm.ppf(q) * np.sqrt(k / (k - 1)))
-
-
-def widened(estimate: np.ndarray | float, low: np.ndarray | float, high: np.ndarray | float, k: int,
-            confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
-    """A percentile interval widened by `small_sample_factor` about the estimate (its asymmetry kept)."""
-    factor = small_sample_factor(k, confidence)
-    return (np.asarray(estimate - factor * (np.asarray(estimate) - low)),
-            np.asarray(estimate + factor * (np.asarray(high) - estimate)))
+from probe.stats.bootstrap import CONFIDENCE, N_RESAMPLES, cluster_replicates, widened
 
 RIDGE = 0.01
 ELO_BASE = 1000.0
