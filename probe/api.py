@@ -114,10 +114,9 @@ class Run:
         return self._preference()[1]
 
     def _preference(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        from probe.analyse.preference import preference_tables
+        from probe.analyse.preference import stored_or_computed
 
-        wins, elo = read_derived(self.path / "preference.parquet"), read_derived(self.path / "elo.parquet")
-        return (wins, elo) if wins is not None and elo is not None else preference_tables(self.jobs, self.scores)
+        return stored_or_computed(self.path, self.jobs, self.scores)
 
     def image_path(self, key: str) -> Path:
         """Where the image for a job key lives in this run folder."""

@@ -12,6 +12,7 @@ of every two configurations is one game for the Elo fit, whose intervals also re
 from __future__ import annotations
 
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,14 @@ def preference_tables(jobs: pd.DataFrame, scores: pd.DataFrame) -> tuple[pd.Data
         wins += family_wins
         elos += family_elo
     return pd.DataFrame(wins, columns=WIN_COLUMNS), pd.DataFrame(elos, columns=ELO_COLUMNS)
+
+
+def stored_or_computed(run_dir: Path, jobs: pd.DataFrame, scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The run's preference.parquet and elo.parquet, or both recomputed when either is missing or torn."""
+    from probe.store.tables import read_derived
+
+    wins, elo = read_derived(run_dir / "preference.parquet"), read_derived(run_dir / "elo.parquet")
+    return (wins, elo) if wins is not None and elo is not None else preference_tables(jobs, scores)
 
 
 def _family(family: dict[str, object], group: pd.DataFrame,

@@ -15,22 +15,13 @@ from typing import Any
 
 import pandas as pd
 
+from probe.analyse.preference import stored_or_computed
 from probe.report.data import RunData
 from probe.report.plots import model_colours, slug
 from probe.store.atomic import atomic_write_bytes
 
 QUALITY_DEFAULTS = ("aesthetic", "pickscore", "hps")
 PROMPT_DEFAULTS = ("clip_score", "pickscore", "hps")
-
-
-def tables(data: RunData) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from probe.analyse.preference import preference_tables
-    from probe.store.tables import read_derived
-
-    wins, elo = read_derived(data.path / "preference.parquet"), read_derived(data.path / "elo.parquet")
-    if wins is None or elo is None:
-        wins, elo = preference_tables(data.jobs, data.scores)
-    return wins, elo
 
 
 def proxies(data: RunData, wins: pd.DataFrame) -> dict[str, str]:
@@ -57,7 +48,7 @@ def _ci(low: float, high: float, digits: int = 2) -> str:
 
 def preference_section(data: RunData, out: Path) -> dict[str, Any] | None:
     """What _preference.html.j2 shows; None when the run has no pairs of configurations to compare."""
-    wins, elo = tables(data)
+    wins, elo = stored_or_computed(data.path, data.jobs, data.scores)
     if wins.empty:
         return None
     out.mkdir(parents=True, exist_ok=True)

@@ -346,6 +346,7 @@ def _score_on(request: ScoreRequest, rows: list[dict[str, str]], specs: list[Met
               progress: Any) -> tuple[Path, dict[str, Any]]:
     """`score_images` once the devices are known: this machine's, or a Ray cluster's (`cluster`)."""
     from probe.analyse.aggregate import aggregate, paired_deltas
+    from probe.run.driver import write_preference
     from probe.score.protocol import ScoringContext
     from probe.score.scorer import cpu_pool_for, prepare_metrics, ray_pools, score_run
     from probe.store.features import FeatureCache
@@ -390,8 +391,6 @@ def _score_on(request: ScoreRequest, rows: list[dict[str, str]], specs: list[Met
     write_parquet_atomic(aggregate(jobs, scores), run.path / "aggregates.parquet")
     models = list(dict.fromkeys(jobs["model"]))
     write_parquet_atomic(paired_deltas(jobs, scores, models[0]), run.path / "deltas.parquet")
-    from probe.run.driver import write_preference
-
     write_preference(run.path, jobs, scores)
     failures = list(getattr(counts, "failures", []))  # images or groups a metric raised on: no row, not complete
     run.write_manifest(manifest.model_copy(update={

@@ -84,7 +84,7 @@ def score_images(prepared: list[PreparedMetric], rows: pd.DataFrame, run_dir: Pa
                 if futures and pool is not None and pool.broken and stop is not None and stop():
                     break  # interrupted: the workers were ended with the chunk; the next pass does it
                 if remote_wanted and device is not None and not device.broken:
-                    _merge(remote, _on_device(device, remote_wanted, chunk, images, ctx))
+                    _on_device(device, remote_wanted, chunk, images, ctx, remote)
                 new_rows: list[dict[str, Any]] = []
                 for w in wanted:
                     new_rows += _metric_rows(w, chunk, images, remote.get(w.label), ctx, rows, failures)
@@ -180,18 +180,11 @@ def _add(remote: Remote, results: dict[str, tuple[list[Score], list[Failed]]]) -
         got[2].update({s.key for s in scores if s.key} | {key for key, _ in failed})
 
 
-def _merge(remote: Remote, more: Remote) -> None:
-    for label, (scores, failed, covered) in more.items():
-        got = remote.setdefault(label, ([], [], set()))
-        got[0].extend(scores)
-        got[1].extend(failed)
-        got[2].update(covered)
-
-
 def _on_device(device: RayDevicePool, wanted: list[_Wanted], chunk: Chunk, images: list[ImageItem],
-               ctx: ScoringContext) -> Remote:
-    """The chunk's device metrics on the metric actors, one share per actor with the faces already found; their
-    vectors stored in this process's feature cache. An actor lost (its node gone) leaves the rest to this process."""
+               ctx: ScoringContext, remote: Remote) -> None:
+    """The chunk's device metrics on the metric actors, one share per actor with the faces already found, added to
+    `remote`; their vectors stored in this process's feature cache. An actor lost (its node gone) leaves the rest to
+    this process."""
     from probe.score.metrics.faces import copy_faces
 
     step = -(-len(chunk) // device.workers)
@@ -203,7 +196,6 @@ def _on_device(device: RayDevicePool, wanted: list[_Wanted], chunk: Chunk, image
         if task:
             parts.append(task)
             faces.append(copy_faces(ctx, {image.key for _, image in part}))
-    remote: Remote = {}
     for future in device.score(parts, faces):
         try:
             results, features = future.result()
@@ -214,7 +206,6 @@ def _on_device(device: RayDevicePool, wanted: list[_Wanted], chunk: Chunk, image
             continue
         device.store(features)
         _add(remote, results)
-    return remote
 
 
 def _metric_rows(w: _Wanted, chunk: Chunk, images: list[ImageItem],

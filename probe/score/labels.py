@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from probe.score.protocol import ImageMetric, ScoringContext, SetMetric
 
 
 def metric_label(name: str, args: dict[str, Any]) -> str:
@@ -13,6 +16,13 @@ def metric_label(name: str, args: dict[str, Any]) -> str:
     if not args:
         return name
     return f"{name}[" + ",".join(f"{k}={args[k]}" for k in sorted(args)) + "]"
+
+
+def resolved_config(name: str, args: dict[str, Any], metric: ImageMetric | SetMetric,
+                    ctx: ScoringContext) -> dict[str, Any]:
+    """A metric's whole configuration (its config_id hashes this): the suite's name and args, then what it
+    resolved in `ctx` (model, revision, preprocessing). The driver and a Ray metric actor both build it here."""
+    return {"name": name, "args": args, **metric.config(ctx)}
 
 
 def canonical_args(args: dict[str, Any]) -> str:

@@ -31,9 +31,10 @@ import numpy as np
 
 from probe.errors import ProbeError
 from probe.score.attempt import Failed, attempt
-from probe.score.cpu_pool import PooledMetric
-from probe.score.protocol import ImageItem, ImageMetric, Score, ScoringContext, SetMetric, build_metric
-from probe.score.ray_pool import Shipped, Shipper, landed
+from probe.score.cpu_pool import PooledMetric, cpu_bound
+from probe.score.labels import resolved_config
+from probe.score.protocol import ImageItem, ImageMetric, Score, ScoringContext, SetMetric, build_metric, rebuildable
+from probe.score.ray_pool import Shipped, Shipper, kill_actors, landed
 from probe.store.features import FeatureCache
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class _LookupOnly(FeatureCache):
 def scored_configs(metrics: dict[str, ImageMetric | SetMetric], pooled: dict[str, PooledMetric],
                    ctx: ScoringContext) -> dict[str, dict[str, Any]]:
     """Each metric's configuration as probe.score.scorer.prepare_metrics records it."""
-    return {label: {"name": pooled[label].name, "args": pooled[label].args, **metric.config(ctx)}
+    return {label: resolved_config(pooled[label].name, pooled[label].args, metric, ctx)
             for label, metric in metrics.items()}
 
 
@@ -289,13 +290,7 @@ class RayDevicePool:
         return {"scoring_device": self.device, "metric_actors": len(self._actors)}
 
     def close(self, wait: bool = True) -> None:
-        import ray
-
-        for actor in self._actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone with its node
-                log.debug("metric actor already gone", exc_info=True)
+        kill_actors(self._actors, "metric")
         self._actors = []
 
 
@@ -320,7 +315,4 @@ def _differences(expected: dict[str, dict[str, Any]], found: dict[str, dict[str,
 
 def device_poolable(name: str, metric: object) -> bool:
     """Whether a metric goes to the metric actors: rebuildable by name there and not CPU-bound."""
-    from probe.score.cpu_pool import cpu_bound
-    from probe.score.protocol import rebuildable
-
     return not cpu_bound(metric) and rebuildable(name)

@@ -59,6 +59,17 @@ class Shipper:
         return shipped
 
 
+def kill_actors(actors: list[Any], what: str) -> None:
+    """End these actors for good (no restart); one already gone with its node is skipped."""
+    import ray
+
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone with its node
+            log.debug("%s actor already gone", what, exc_info=True)
+
+
 def landed(shipped: Shipped) -> list[ImageItem]:
     """On an actor: the shipped images with their pixels fetched (each distinct reference once)."""
     import ray
@@ -110,13 +121,7 @@ class RayCpuPool(CpuPool):
         return future
 
     def close(self, wait: bool = True) -> None:
-        import ray
-
         if not wait:
             self.broken = True
-        for actor in self._actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone with its node
-                log.debug("CPU actor already gone", exc_info=True)
+        kill_actors(self._actors, "CPU")
         self._actors = []

@@ -29,7 +29,7 @@ import pandas as pd
 from probe.errors import ProbeError
 from probe.score.cpu_pool import POOL_MIN_IMAGES, CpuPool, PooledMetric, poolable
 from probe.score.image_pass import score_images
-from probe.score.labels import canonical_args, failure_record, metric_label
+from probe.score.labels import canonical_args, failure_record, metric_label, resolved_config
 from probe.score.protocol import ImageItem, ImageMetric, ScoringContext, SetMetric, build_metric
 from probe.spec.loader import image_files
 from probe.spec.schema import MetricSpec
@@ -99,7 +99,7 @@ def prepare_metrics(specs: dict[str, list[MetricSpec]], ctx: ScoringContext) -> 
         for spec in probe_specs:
             try:
                 metric = build_metric(spec.name, spec.args)
-                config = {"name": spec.name, "args": spec.args, **metric.config(ctx)}
+                config = resolved_config(spec.name, spec.args, metric, ctx)
             except ProbeError as error:
                 first = first or error
                 failures.setdefault(str(error), []).append(f"{metric_label(spec.name, spec.args)} in {probe}")
