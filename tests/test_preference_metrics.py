@@ -193,6 +193,28 @@ def test_aesthetic_is_the_predictors_inference(clip_folder, tmp_path):
     assert np.ptp(ours) > 0
 
 
+# The tensor names and shapes of sac+logos+ava1-l14-linearMSE.pth as published (read from the file at the
+# repository's commit 6934dd8, whose sha256 is AESTHETIC_SHA256): the checkpoint loads into our MLP as saved.
+PUBLISHED_AESTHETIC_LAYOUT = {
+    "layers.0.weight": [1024, 768], "layers.0.bias": [1024], "layers.2.weight": [128, 1024], "layers.2.bias": [128],
+    "layers.4.weight": [64, 128], "layers.4.bias": [64], "layers.6.weight": [16, 64], "layers.6.bias": [16],
+    "layers.7.weight": [1, 16], "layers.7.bias": [1]}
+
+
+def test_aesthetic_mlp_has_the_published_checkpoints_layout_and_records_whether_the_file_is_it(clip_folder, tmp_path,
+                                                                                                caplog):
+    from probe.score.metrics.preference import AESTHETIC_SHA256, aesthetic_mlp
+
+    ours = {f"layers.{k}": list(v.shape) for k, v in aesthetic_mlp(768).state_dict().items()}
+    assert ours == PUBLISHED_AESTHETIC_LAYOUT
+    torch.save(ReferenceMLP(16).state_dict(), tmp_path / "other.pth")
+    metric = build_metric("aesthetic", {"weights": str(tmp_path / "other.pth"), "clip": str(clip_folder)})
+    assert metric.config(_ctx(tmp_path))["published"] is False  # type: ignore[union-attr]
+    with caplog.at_level("WARNING"):
+        metric.score(_items(tmp_path)[:1], _ctx(tmp_path))  # type: ignore[union-attr]
+    assert f"not the published sac+logos+ava1-l14-linearMSE.pth (sha256 {AESTHETIC_SHA256[:16]}" in caplog.text
+
+
 def test_aesthetic_refuses_a_clip_of_another_width_and_a_file_that_is_not_its_mlp(clip_folder, tmp_path):
     torch.save(ReferenceMLP(768).state_dict(), tmp_path / "l14.pth")
     metric = build_metric("aesthetic", {"weights": str(tmp_path / "l14.pth"), "clip": str(clip_folder)})

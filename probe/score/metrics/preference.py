@@ -48,6 +48,8 @@ AESTHETIC_WEIGHTS_ENV = "PROBE_AESTHETIC_WEIGHTS"
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                  "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+# sha256 of that file as published (read from the repository's commit 6934dd8); the project publishes no digest.
+AESTHETIC_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
 STAND_IN_SEED = 20260
 STAND_IN = "random-stand-in"
 
@@ -221,6 +223,15 @@ def _load_mlp(path: Path) -> Any:
     return mlp.eval()
 
 
+def _load_checked(path: Path) -> Any:
+    """The MLP, with a warning when the file is not the published sac+logos+ava1 checkpoint (another predictor
+    trained the same way is allowed: its digest is recorded in the metric's configuration)."""
+    if file_digest(path) != AESTHETIC_SHA256:
+        log.warning("aesthetic: %s is not the published %s (sha256 %s...); scores are that file's, not the LAION "
+                    "predictor's", path, AESTHETIC_FILE, AESTHETIC_SHA256[:16])
+    return _load_mlp(path)
+
+
 def _stand_in_mlp(input_size: int) -> Any:
     import torch
 
@@ -264,13 +275,15 @@ class Aesthetic(Metric):
             _warn_stand_in(ctx, self.name)
             return ctx.shared(f"aesthetic-mlp:stand-in:{width}", lambda: _stand_in_mlp(width))
         path = self._weights(ctx)
-        return ctx.shared(f"aesthetic-mlp:{path}", lambda: _load_mlp(path))
+        return ctx.shared(f"aesthetic-mlp:{path}", lambda: _load_checked(path))
 
     def config(self, ctx: ScoringContext) -> dict[str, Any]:
-        weights = (f"{STAND_IN}: seed {STAND_IN_SEED}" if self._stand_in(ctx)
-                   else f"{AESTHETIC_FILE}:sha256-{file_digest(self._weights(ctx))[:16]}")
-        return {**self.backend(ctx).describe(), "weights": weights,
-                "formula": "MLP(image embedding / |image embedding|)"}
+        if self._stand_in(ctx):
+            weights: dict[str, Any] = {"weights": f"{STAND_IN}: seed {STAND_IN_SEED}"}
+        else:
+            digest = file_digest(self._weights(ctx))
+            weights = {"weights": f"{AESTHETIC_FILE}:sha256-{digest[:16]}", "published": digest == AESTHETIC_SHA256}
+        return {**self.backend(ctx).describe(), **weights, "formula": "MLP(image embedding / |image embedding|)"}
 
     def score(self, items: Sequence[ImageItem], ctx: ScoringContext) -> list[Score]:
         import torch
