@@ -65,3 +65,19 @@ def score_rows(run_dir: Path):
 
     frame = read_scores(run_dir)[["series", "score_id", "value", "label"]]
     return frame.sort_values(["series", "score_id", "value"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def rating_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run with two configurations for the rating tests (generated once; tests copy it)."""
+    from tests.rating_helpers import make_run
+
+    return make_run(tmp_path_factory.mktemp("rating"))
+
+
+@pytest.fixture
+def rating_run(rating_source: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the rating run."""
+    from tests.rating_helpers import copy_run
+
+    return copy_run(rating_source, tmp_path / "run")

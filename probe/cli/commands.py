@@ -32,6 +32,9 @@ baseline_app = typer.Typer(help="Baselines that `probe check` compares runs with
 app.add_typer(baseline_app, name="baseline")
 data_app = typer.Typer(help="Public prompt datasets suites can name (list them, or download one).")
 app.add_typer(data_app, name="data")
+from probe.cli.rate import rate_app  # noqa: E402 - the subcommand group lives in its own module
+
+app.add_typer(rate_app, name="rate")
 
 out = Console()
 err = Console(stderr=True)

@@ -20,6 +20,7 @@ from probe.report.compare import compare_runs
 from probe.report.data import RunData, load_run
 from probe.report.fmt import remember_outputs
 from probe.report.grids import Thumbnails, init_images, probe_grid
+from probe.report.human import human_section
 from probe.report.methods import methods, warnings
 from probe.report.plots import quality_plots
 from probe.report.preference import preference_section
@@ -69,6 +70,7 @@ def report_context(data: RunData, baseline: RunData | None = None) -> dict[str, 
         "run": data.name, "manifest": manifest, "subject": data.subject, "models": data.models,
         "baselines": [m for m in data.models if m != data.subject], "probes": probes,
         "bias": bias_section(data), "preference": preference_section(data, assets / "plots"),
+        "human": human_section(data),
         "compare": compare_runs(data, baseline) if baseline else None,
         "warnings": warnings(data), "methods": methods(data),
         "rendered_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
