@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
+    from probe.analyse.human import HumanResults
+
 
 class Run:
     """A run directory (`probe run` or `probe score` output), loaded lazily table by table."""
@@ -112,6 +114,13 @@ class Run:
     def elo(self) -> pd.DataFrame:
         """Bradley-Terry Elo of every configuration per directional metric, with CIs (elo.parquet)."""
         return self._preference()[1]
+
+    def human(self, min_attention: float = 0.8) -> HumanResults | None:
+        """The votes of the run's `probe rate` studies and what they say (win rates, Elo, agreement, attention,
+        metric agreement); None when the run has no studies."""
+        from probe.analyse.human import load_human
+
+        return load_human(self.path, self.jobs, self.scores, min_attention)
 
     def _preference(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         from probe.analyse.preference import stored_or_computed

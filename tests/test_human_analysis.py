@@ -157,3 +157,14 @@ def test_rate_export_and_import_from_the_command_line(rating_run, tmp_path):
     assert missing.returncode == 2 and "none.csv: no such file" in missing.stderr
     unknown = probe_cli("rate", str(rating_run), "--compare", "tiny", "sd-turbo")
     assert unknown.returncode == 2 and "no images of 'sd-turbo'" in unknown.stderr
+
+
+def test_the_python_api_reads_the_studies(rating_run):
+    from probe.api import load_run
+
+    assert load_run(rating_run).human() is None  # no studies yet
+    store, study, _ = new_study(rating_run, pairs=6, attention=1)
+    _simulate(store, study, p_subject=0.7, raters=3)
+    results = load_run(rating_run).human()
+    assert results is not None and len(results.votes) == 3 * 7
+    assert list(results.win_rates["study"]) == [study.id]
