@@ -18,7 +18,8 @@ from tests.conftest import probe_cli
 from tests.rating_helpers import new_study
 
 
-def _simulate(store, study, p_subject: float, raters: int, careless: str | None = None, seed: int = 0) -> None:
+def _simulate(store, study, p_subject: float, raters: int, careless: str | None = None, seed: int = 0,
+              question: str = "quality") -> None:
     """Every rater votes on every pair: the subject's image with probability p_subject; attention checks are
     passed, except by `careless`, who answers pairs at random and fails every check."""
     rng = np.random.default_rng(seed)
@@ -30,7 +31,7 @@ def _simulate(store, study, p_subject: float, raters: int, careless: str | None 
             p = (0.0 if attention else 0.5) if name == careless else (1.0 if attention else p_subject)
             chosen = pair.a_key if rng.random() < p else pair.b_key
             left = pair.a_key if rng.random() < 0.5 else pair.b_key
-            rows.append((study.id, pair.pair, name, "quality", "left" if chosen == left else "right", chosen, left,
+            rows.append((study.id, pair.pair, name, question, "left" if chosen == left else "right", chosen, left,
                          None, "2026-12-02T00:00:00.000Z", "test"))
     assert store.insert_many(rows) == len(rows)
 
@@ -89,13 +90,26 @@ def test_metric_agreement_with_the_human_majority_is_counted_by_hand(rating_run)
 def test_the_report_shows_human_preference_beside_the_automatic_win_rates(rating_run):
     from probe.report import build_report
 
-    store, study, _ = new_study(rating_run, pairs=16, attention=4)
+    store, study, _ = new_study(rating_run, questions=("quality", "prompt"), pairs=16, attention=4)
     _simulate(store, study, p_subject=0.8, raters=5, careless="r4", seed=1)
+    _simulate(store, study, p_subject=0.6, raters=5, careless="r4", seed=2, question="prompt")
     html = build_report(rating_run).read_text()
     assert 'id="human"' in html and "Human preference" in html
     assert f"Excluded: r4 ({study.id})" in html
     assert "Krippendorff" in html and "tiny@1" in html and "tiny-cfg@4" in html
-    assert "(clip_score)" in html  # the automatic proxy's win rate for the same configurations
+    section = html.split('id="human"', 1)[1].split("</section>", 1)[0]
+    rows = {row.split("</td>", 2)[1].removeprefix("<td>"): row for row in section.split("<tr><td>")[1:3]}
+    automatic = load_run_wins(rating_run)
+    assert f"{automatic:.2f}" in rows["prompt"] and "(clip_score)</td>" in rows["prompt"]  # the proxy beside it
+    assert "<td>—</td>" in rows["quality"]  # no quality proxy scored (clip_score answers prompt following)
+
+
+def load_run_wins(run_dir) -> float:
+    from probe.api import load_run
+
+    wins = load_run(run_dir).win_rates()
+    row = wins[(wins["metric"] == "clip_score") & (wins["model"] == "tiny") & (wins["opponent"] == "tiny-cfg")]
+    return float(row["win_rate"].iloc[0])
 
 
 def test_export_then_import_round_trips_and_reimporting_adds_nothing(rating_run, tmp_path):

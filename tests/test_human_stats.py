@@ -101,3 +101,24 @@ def test_krippendorff_alpha_matches_the_published_example_and_a_hand_count():
     assert krippendorff_alpha(votes) == pytest.approx(_alpha_by_hand(votes), abs=1e-12)
     assert krippendorff_alpha(np.ones((3, 4))) != krippendorff_alpha(np.ones((3, 4)))  # one value only: NaN
     assert np.isnan(krippendorff_alpha(np.array([[1.0, 0.0, 1.0]])))  # one rater: undefined
+
+
+@pytest.mark.parametrize(("prompts", "raters"), [(30, 5), (20, 10)])
+def test_crossed_elo_interval_covers_the_population_rating(prompts, raters):
+    """Two configurations: Bradley-Terry's Elo gap is 400 log10(p / (1 - p)) of the pooled win rate, so the
+    population's p gives the true ratings (centred on 1000)."""
+    from probe.stats.human import crossed_elo
+
+    mu, prompt_sd, rater_sd, runs = 0.4, 0.8, 0.5, 200
+    truth_p = _truth(mu, prompt_sd, rater_sd)
+    truth = 1000 + 200 * np.log10(truth_p / (1 - truth_p))
+    rng = np.random.default_rng(prompts + raters)
+    covered = 0
+    for i in range(runs):
+        votes, p, r = _study(rng, prompts, raters, mu, prompt_sd, rater_sd)
+        zeros = np.zeros(len(votes), dtype=int)
+        ratings = crossed_elo(zeros, zeros + 1, votes, p, r, 2, n_resamples=500, seed=i)
+        assert ratings.elo[0] + ratings.elo[1] == pytest.approx(2000)
+        covered += ratings.low[0] <= truth <= ratings.high[0]
+    coverage = covered / runs
+    assert 0.95 - 3 * np.sqrt(0.95 * 0.05 / runs) <= coverage <= 0.995, coverage

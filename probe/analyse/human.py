@@ -4,7 +4,7 @@ A vote's outcome is 1 when the rater picked the pair's first image (the study's 
 Raters are screened by attention checks (an image against a degraded copy of itself): a rater who answered any
 and passed fewer than `min_attention` of them is excluded from every table, and `attention` says who and why.
 Win rates are per study and question with intervals clustered by prompt and by rater (probe.stats.human); Elo is
-per question over every configuration the run's studies compare (intervals resample prompts); agreement between
+per question over every configuration the run's studies compare (intervals over prompts and raters, too); agreement between
 raters is Krippendorff's alpha (nominal) over the pairs; each automatic per-image metric with a direction is
 scored against the human majority of each pair (pairs with a tied majority left out and counted), with a
 prompt-clustered interval.
@@ -20,8 +20,8 @@ import pandas as pd
 
 from probe.analyse.aggregate import per_image
 from probe.spec.metric_catalog import direction_of
-from probe.stats.human import crossed_win_rate, krippendorff_alpha
-from probe.stats.preference import elo_ratings, outcomes, win_rate
+from probe.stats.human import crossed_elo, crossed_win_rate, krippendorff_alpha
+from probe.stats.preference import outcomes, win_rate
 from probe.store.votes import Study, open_store
 
 MIN_ATTENTION = 0.8
@@ -104,8 +104,9 @@ def elo_table(kept: pd.DataFrame, studies: dict[str, Study]) -> pd.DataFrame:
         baselines = [studies[s].baseline for s in group["study"]]
         players = sorted(set(subjects) | set(baselines))
         index = {p: i for i, p in enumerate(players)}
-        ratings = elo_ratings(np.array([index[s] for s in subjects]), np.array([index[b] for b in baselines]),
-                              group["outcome"].to_numpy(), group["prompt"].to_numpy(), len(players))
+        ratings = crossed_elo(np.array([index[s] for s in subjects]), np.array([index[b] for b in baselines]),
+                              group["outcome"].to_numpy(), group["prompt"].to_numpy(), group["rater"].to_numpy(),
+                              len(players))
         rows += [{"question": question, "configuration": p, "elo": float(ratings.elo[i]), "low": float(ratings.low[i]),
                   "high": float(ratings.high[i]), "games": int(ratings.games[i]), "n_prompts": ratings.n_prompts}
                  for p, i in index.items()]

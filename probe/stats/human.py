@@ -21,7 +21,7 @@ import numpy as np
 from scipy.stats import norm
 
 from probe.stats.bootstrap import CONFIDENCE, N_RESAMPLES, cluster_replicates, small_sample_factor
-from probe.stats.preference import WinRate
+from probe.stats.preference import Ratings, WinRate, fit_bradley_terry, to_elo
 
 
 def crossed_win_rate(results: np.ndarray, prompts: np.ndarray, raters: np.ndarray, *, n_resamples: int = N_RESAMPLES,
@@ -64,12 +64,64 @@ def crossed_variance(values: np.ndarray, p_index: np.ndarray, r_index: np.ndarra
     kept = denominator > 0
     pigeonhole = float(np.var(numerator[kept] / denominator[kept]))
     vote_level = _one_way(values, np.arange(len(values)), n_resamples, seed + 1)
-    total = pigeonhole
-    for labels, k, offset in ((p_index, k_p, 2), (r_index, k_r, 3)):
+    by_prompt = _one_way(values, p_index, n_resamples, seed + 2) if k_p >= 2 else vote_level
+    by_rater = _one_way(values, r_index, n_resamples, seed + 3) if k_r >= 2 else vote_level
+    return float(combined(pigeonhole, by_prompt, by_rater, vote_level, k_p, k_r))
+
+
+def combined(pigeonhole: np.ndarray | float, by_prompt: np.ndarray | float, by_rater: np.ndarray | float,
+             vote_level: np.ndarray | float, k_prompts: int, k_raters: int) -> np.ndarray:
+    """The pigeonhole variance plus each dimension's share (its one-way variance less the vote-level one) widened
+    for its number of clusters: the variance the intervals use (see the module docstring)."""
+    total = np.asarray(pigeonhole, dtype=float).copy()
+    for one_way, k in ((by_prompt, k_prompts), (by_rater, k_raters)):
         if k >= 2:
-            share = max(_one_way(values, labels, n_resamples, seed + offset) - vote_level, 0.0)
-            total += (small_sample_factor(k) ** 2 - 1) * share
+            share = np.maximum(np.asarray(one_way) - np.asarray(vote_level), 0.0)
+            total = total + (small_sample_factor(k) ** 2 - 1) * share
     return total
+
+
+def crossed_elo(player_a: np.ndarray, player_b: np.ndarray, score_a: np.ndarray, prompts: np.ndarray,
+                raters: np.ndarray, n_players: int, *, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+                seed: int = 0) -> Ratings:
+    """Bradley-Terry Elo of `n_players` from votes (a, b, a's score), intervals over prompts and raters.
+
+    The same construction as `crossed_win_rate`: each replicate reweights the votes (by prompt and rater together,
+    by prompt, by rater, by vote), refits, and the Elo variances combine as in `combined`.
+    """
+    player_a, player_b = np.asarray(player_a, dtype=int), np.asarray(player_b, dtype=int)
+    score_a = np.asarray(score_a, dtype=float)
+    _, p_index = np.unique(np.asarray(prompts), return_inverse=True)
+    _, r_index = np.unique(np.asarray(raters), return_inverse=True)
+    n = len(score_a)
+    games = np.bincount(player_a, minlength=n_players) + np.bincount(player_b, minlength=n_players)
+    per_vote = np.zeros((n, n_players, n_players))
+    per_vote[np.arange(n), player_a, player_b] = score_a
+    per_vote[np.arange(n), player_b, player_a] = 1 - score_a
+    elo = to_elo(fit_bradley_terry(per_vote.sum(axis=0)))
+    k_p = int(p_index.max()) + 1 if n else 0
+    k_r = int(r_index.max()) + 1 if n else 0
+    if k_p < 2:
+        nan = np.full(n_players, np.nan)
+        return Ratings(elo, nan, nan, games.astype(float), k_p)
+    rng = np.random.default_rng(seed)
+
+    def variance(weights: np.ndarray) -> np.ndarray:  # weights: (resamples, votes)
+        fits = [to_elo(fit_bradley_terry(np.einsum("bv,vij->bij", weights[i:i + 250], per_vote)))
+                for i in range(0, len(weights), 250)]
+        return np.var(np.concatenate(fits), axis=0)
+
+    def draw(k: int) -> np.ndarray:
+        return rng.multinomial(k, np.full(k, 1 / k), size=n_resamples).astype(float)
+
+    w_p, w_r = draw(k_p), draw(k_r)
+    vote_level = variance(draw(n))
+    by_prompt = variance(w_p[:, p_index])
+    by_rater = variance(w_r[:, r_index]) if k_r >= 2 else vote_level
+    pigeonhole = variance(w_p[:, p_index] * w_r[:, r_index])
+    se = np.sqrt(combined(pigeonhole, by_prompt, by_rater, vote_level, k_p, k_r))
+    z = float(norm.ppf((1 + confidence) / 2))
+    return Ratings(elo, elo - z * se, elo + z * se, games.astype(float), k_p)
 
 
 def _one_way(values: np.ndarray, labels: np.ndarray, n_resamples: int, seed: int) -> float:
