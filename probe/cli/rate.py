@@ -51,7 +51,8 @@ def serve(
     attention: Annotated[int | None, typer.Option(
         min=0, help="Attention checks (an image against a degraded copy); default a tenth of --pairs, at least 1.")
     ] = None,
-    raters: Annotated[int, typer.Option(min=0, help="Rater links to make (rater-01 ...), in all.")] = 3,
+    raters: Annotated[int, typer.Option(
+        min=0, help="Rater links to make (rater-01 ...), in all; 5 or more give a usable interval.")] = 5,
     rater: Annotated[list[str] | None, typer.Option(help="A named rater link (repeatable).")] = None,
     open_study: Annotated[bool, typer.Option(
         "--open", help="Anyone with the study's address joins by typing a name (no per-rater links).")] = False,
