@@ -88,7 +88,10 @@ def serve(
                 out.print(f"  {escape(name)}: {link}", highlight=False, soft_wrap=True)
             out.print("serving; Ctrl-C stops (every acknowledged vote is already saved)", highlight=False)
 
-        serve_study(run_dir, found, links, host, port, announce)
+        try:
+            serve_study(run_dir, found, links, host, port, announce)
+        except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then re-raises the signal: a clean stop
+            pass
     except ProbeError as exc:
         raise _fail(exc) from None
     out.print("stopped", highlight=False)

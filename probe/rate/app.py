@@ -126,6 +126,10 @@ def create_app(run_dir: Path, study_id: str, allowed_hosts: list[str]) -> FastAP
     def page(name: str, **context: Any) -> HTMLResponse:
         return HTMLResponse(rating.templates.get_template(name).render(study=rating.study, **context))
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)  # no icon, and no 404 in every rater's console
+
     @app.get("/", response_class=HTMLResponse)
     def home() -> HTMLResponse:
         if not rating.study.open:

@@ -18,10 +18,25 @@ function show(state) {
   task = state.task;
   document.getElementById("question").textContent = task.text;
   document.getElementById("prompt").textContent = task.prompt;
-  document.getElementById("left").src = base + "/image/" + task.left;
-  document.getElementById("right").src = base + "/image/" + task.right;
+  const images = [document.getElementById("left"), document.getElementById("right")];
+  for (const image of images) image.removeAttribute("style");
+  images[0].src = base + "/image/" + task.left;
+  images[1].src = base + "/image/" + task.right;
+  Promise.all(images.map((image) => image.decode().catch(() => null))).then(() => enlargeSmall(images));
   document.getElementById("task").hidden = false;
   setBusy(false);
+}
+
+// Images are shown at full resolution; small ones (a tiny test model's 64 px) are enlarged by one whole factor
+// for both, pixel for pixel, so the two are always compared at the same scale.
+function enlargeSmall(images) {
+  const widest = Math.max(...images.map((image) => image.naturalWidth || 0));
+  const factor = widest > 0 ? Math.max(1, Math.floor(384 / widest)) : 1;
+  if (factor === 1) return;
+  for (const image of images) {
+    image.style.width = image.naturalWidth * factor + "px";
+    image.style.imageRendering = "pixelated";
+  }
 }
 
 function setBusy(value) {
