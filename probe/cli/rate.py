@@ -75,11 +75,13 @@ def serve(
         store, found, created = create_study(run_dir, jobs, subject, baseline, question or ["quality"], pairs, seed,
                                              open_study, study, attention)
         links = [] if found.open else ensure_raters(store, found, raters, rater or [])
-        n_pairs = len(store.pairs(found.id))
+        kinds = [p.kind for p in store.pairs(found.id)]
+        n_pairs, n_checks = kinds.count("pair"), kinds.count("attention")
+        short = f" (the run has only {n_pairs})" if n_pairs < pairs else ""
         verb = "created" if created else "resumed"
         out.print(f"study {escape(found.id)} {verb}: {escape(found.subject)} vs {escape(found.baseline)}, "
-                  f"{n_pairs} pairs (attention checks included) x {len(found.questions)} question(s); votes in "
-                  f"{escape(str(store.path))}", highlight=False, soft_wrap=True)
+                  f"{n_pairs} pairs{short} and {n_checks} attention checks x {len(found.questions)} question(s); "
+                  f"votes in {escape(str(store.path))}", highlight=False, soft_wrap=True)
 
         def announce(served: Any) -> None:
             if found.open:

@@ -85,7 +85,8 @@ def serve(run_dir: Path, study: Study, links: list[tuple[str, str]], host: str, 
         log.warning("--host %s: the study is reachable from other machines; anyone with a rater link can vote", host)
     sock = bind(host, port)
     bound = sock.getsockname()[1]
-    shown_host = host if ":" not in host else f"[{host}]"
+    shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host  # noqa: S104 - links others can open
+    shown_host = shown_host if ":" not in shown_host else f"[{shown_host}]"
     url = f"http://{shown_host}:{bound}"
     app = create_app(run_dir, study.id, allowed_hosts(host))
     announce(Served(url, [(rater, f"{url}/r/{token}") for rater, token in links]))

@@ -117,22 +117,24 @@ def create_study(run_dir: Path, jobs: pd.DataFrame, subject: Config, baseline: C
     if subject == baseline:
         raise UsageError(f"--compare: subject and baseline are both {subject}; compare two configurations")
     questions = list(dict.fromkeys(questions))
-    n_attention = max(1, round(n_pairs * ATTENTION_SHARE)) if attention is None else attention
     definition = {"subject": str(subject), "baseline": str(baseline), "questions": questions, "pairs": n_pairs,
-                  "attention": n_attention, "seed": seed, "open": open_study}
+                  "attention": attention, "seed": seed, "open": open_study}
     store = VoteStore(run_dir, create=True)
     name = study_id or slug(f"{subject}-vs-{baseline}")
     existing = {s.id: s for s in store.studies()}
     if name in existing:
         if existing[name].definition != definition:
-            differ = sorted(k for k in definition if existing[name].definition.get(k) != definition[k])
-            raise UsageError(f"study {name!r} already exists in {run_dir} with other settings ({', '.join(differ)}); "
-                             "run it with its own settings, or name a new one with --study NAME")
+            stored = existing[name].definition
+            differ = "; ".join(f"{k}: {stored.get(k)} there, {definition[k]} here" for k in sorted(definition)
+                               if stored.get(k) != definition[k])
+            raise UsageError(f"study {name!r} already exists in {run_dir} with other settings ({differ}); resume it "
+                             "with its own options, or start another with --study NAME")
         return store, existing[name], False
     merged = paired_images(jobs, subject, baseline)
     if merged.empty:
         raise UsageError(f"--compare {subject} {baseline}: the run has no pairs of these two (same prompt and seed)")
     chosen = draw(merged, n_pairs, seed)
+    n_attention = max(1, round(len(chosen) * ATTENTION_SHARE)) if attention is None else attention
     pairs, items = _pairs(run_dir, name, chosen, n_attention, seed)
     study = Study(name, str(subject), str(baseline), tuple(questions), seed, open_study, secrets.token_hex(16),
                   definition)
