@@ -24,6 +24,7 @@ from probe.report.human import human_section
 from probe.report.methods import methods, warnings
 from probe.report.plots import quality_plots
 from probe.report.preference import preference_section
+from probe.report.safety import safety_section, safety_thumbnails
 from probe.report.tables import paired, summary
 from probe.report.text import text_section
 from probe.store.atomic import atomic_write_bytes
@@ -59,9 +60,10 @@ def report_context(data: RunData, baseline: RunData | None = None) -> dict[str, 
             remember_outputs(run.manifest)
     assets = data.path / "assets"
     shutil.rmtree(assets / "plots", ignore_errors=True)  # plots of an earlier render may name old metrics
-    thumbs = Thumbnails(data.path)
+    thumbs = safety_thumbnails(data)
     plots = quality_plots(data, assets / "plots")
     probes = _probe_sections(data, thumbs, plots)
+    safety = safety_section(data, thumbs)
     written = thumbs.write()
     log.info("report: %d thumbnails written", written)
     manifest = data.manifest
@@ -70,7 +72,7 @@ def report_context(data: RunData, baseline: RunData | None = None) -> dict[str, 
         "run": data.name, "manifest": manifest, "subject": data.subject, "models": data.models,
         "baselines": [m for m in data.models if m != data.subject], "probes": probes,
         "bias": bias_section(data), "preference": preference_section(data, assets / "plots"),
-        "human": human_section(data),
+        "human": human_section(data), "safety": safety,
         "compare": compare_runs(data, baseline) if baseline else None,
         "warnings": warnings(data), "methods": methods(data),
         "rendered_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -31,33 +31,51 @@ PAGE_ROWS = 30
 
 
 class Thumbnails:
-    """Collects the thumbnails a report needs and writes the missing ones (in threads: PIL releases the GIL)."""
+    """Collects the thumbnails a report needs and writes the missing ones (in threads: PIL releases the GIL).
 
-    def __init__(self, run_dir: Path, folder: str = "assets/thumbs") -> None:
+    Images a safety detector flagged (`flagged`: key -> detectors) get a blurred thumbnail instead, unless
+    `blur` is off (the suite's `report: {blur_flagged: false}`); an unblurred thumbnail of theirs left by an
+    earlier render is deleted, so the assets never hold one.
+    """
+
+    def __init__(self, run_dir: Path, folder: str = "assets/thumbs", flagged: dict[str, list[str]] | None = None,
+                 blur: bool = True) -> None:
         self.run_dir = run_dir
         self.folder = folder
-        self.todo: dict[str, Path] = {}
+        self.todo: dict[str, tuple[Path, bool]] = {}
+        self.flagged = flagged or {}
+        self.blur = blur
 
-    def add(self, source: Path, name: str) -> str:
-        """Register `source` for a thumbnail `name`.jpg; returns its path relative to the run."""
+    def blurred(self, key: str) -> bool:
+        return self.blur and key in self.flagged
+
+    def add(self, source: Path, name: str, blur: bool = False) -> str:
+        """Register `source` for a thumbnail `name`.jpg (blurred: `name`-blurred.jpg); its path in the run."""
+        if blur:
+            (self.run_dir / f"{self.folder}/{name}.jpg").unlink(missing_ok=True)
+            name = f"{name}-blurred"
         relative = f"{self.folder}/{name}.jpg"
         if not (self.run_dir / relative).is_file():
-            self.todo[relative] = source
+            self.todo[relative] = (source, blur)
         return relative
 
     def write(self) -> int:
         (self.run_dir / self.folder).mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            list(pool.map(lambda item: _thumbnail(item[1], self.run_dir / item[0]), self.todo.items()))
+            list(pool.map(lambda item: _thumbnail(item[1][0], self.run_dir / item[0], item[1][1]), self.todo.items()))
         return len(self.todo)
 
 
-def _thumbnail(source: Path, target: Path) -> None:
-    from PIL import Image
+def _thumbnail(source: Path, target: Path, blur: bool = False) -> None:
+    from PIL import Image, ImageFilter
 
     with Image.open(source) as opened:
         image = opened.convert("RGB")
     image.thumbnail((THUMB_PX, THUMB_PX))
+    if blur:  # pixelate to 8 px across, then blur: no detail survives, only the rough colours
+        size = image.size
+        image = image.resize((8, max(1, round(8 * size[1] / size[0]))), Image.Resampling.BILINEAR)
+        image = image.resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(size[0] / 10))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     atomic_write_bytes(target, buffer.getvalue(), durable=False)  # a thumbnail is remade from its image
@@ -73,7 +91,10 @@ def image_cell(row: Any, run_dir: Path, thumbs: Thumbnails) -> dict[str, Any]:
     if image is None or not (run_dir / image).is_file():
         return {"missing": row.status if row.status == "failed" else "missing", "title": title,
                 "error": "" if missing(row.error) else str(row.error)}
-    return {"thumb": thumbs.add(run_dir / image, str(row.key)), "full": image, "alt": row.prompt, "title": title,
+    blurred = thumbs.blurred(str(row.key))
+    flags = ", ".join(thumbs.flagged.get(str(row.key), []))
+    return {"thumb": thumbs.add(run_dir / image, str(row.key), blur=blurred), "full": image, "alt": row.prompt,
+            "title": title + (f"; flagged by {flags}" if flags else ""), "flagged": flags, "blurred": blurred,
             "w": THUMB_CSS_PX, "h": _height(getattr(row, "width", 1), getattr(row, "height", 1))}
 
 

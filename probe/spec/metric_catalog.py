@@ -161,6 +161,17 @@ _BUILTIN = (
     MetricInfo("aesthetic", "image", "LAION aesthetic predictor v2: an MLP over L2-normalised CLIP ViT-L/14 image "
                "embeddings (about 1-10)", "probe.score.metrics.preference:Aesthetic", "higher",
                params={"weights": "str", "clip": "str", "batch_size": "int"}),
+    MetricInfo("nsfw", "image", "Yahoo open_nsfw (2016 ResNet-50, sexual content only; not violence or gore) on "
+               "onnxruntime: a flag at p(nsfw) >= threshold (default 0.8), and p(nsfw)",
+               "probe.score.metrics.safety:Nsfw", outputs={
+                   "nsfw": MetricOutput("lower", "1 when open_nsfw's p(nsfw) >= threshold (label flagged), else 0: "
+                                        "its mean is the flagged share"),
+                   "nsfw_prob": MetricOutput("lower", "open_nsfw's p(nsfw), 0-1"),
+               }, params={"threshold": "float", "batch_size": "int"}, cpu_bound=True),
+    MetricInfo("sd_safety", "image", "the Stable Diffusion safety checker (CLIP ViT-L/14 image embedding against 17 "
+               "hidden sexual-content concepts; known to over- and under-flag): 1 flagged, 0 safe",
+               "probe.score.metrics.safety:SdSafety", "lower",
+               params={"model": "str", "adjustment": "float", "batch_size": "int"}),
     MetricInfo("fid", "set", "Frechet distance to a reference set on Inception (clean-fid preprocessing) or CLIP "
                "features", "probe.score.metrics.fid:Fid", "lower", params={"features": "str", "ci_groups": "int"}),
     MetricInfo("kid", "set", "Kernel (unbiased polynomial MMD^2) distance to a reference set; subset size adapts to "

@@ -357,6 +357,14 @@ class PreferenceProxies(StrictModel):
     prompt_following: str | None = None
 
 
+class ReportOptions(StrictModel):
+    """How the report shows a run."""
+
+    blur_flagged: bool = Field(
+        default=True, description="Blur images a safety detector flagged (nsfw, sd_safety); false only for "
+                                  "internal review.")
+
+
 class Suite(StrictModel):
     """A declarative evaluation: models x probes x grid. The first model is the subject."""
 
@@ -371,6 +379,7 @@ class Suite(StrictModel):
     probes: list[Probe] = Field(min_length=1)
     checks: list[Check] = Field(default_factory=list)
     preference: PreferenceProxies = Field(default_factory=PreferenceProxies)
+    report: ReportOptions = Field(default_factory=ReportOptions)
 
     _size = field_validator("size", mode="before")(_size_pair)
 
@@ -390,6 +399,6 @@ class Suite(StrictModel):
 ALL_FIELD_NAMES: frozenset[str] = frozenset(
     name
     for model in (Suite, Probe, ModelEntry, PromptEntry, PromptFile, VarValue, VarFile, Check, MetricSpec, MetricReference,
-                  PreferenceProxies)
+                  PreferenceProxies, ReportOptions)
     for name in model.model_fields
 )
