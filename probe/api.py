@@ -19,7 +19,8 @@ import pandas as pd
 from probe.analyse.aggregate import GRID, aggregate, paired_deltas, per_image, with_series
 from probe.analyse.pairing import pair
 from probe.errors import UsageError
-from probe.stats.bootstrap import cluster_bootstrap
+from probe.spec.metric_catalog import is_binary
+from probe.stats.proportion import delta_estimate, mean_estimate
 from probe.store.tables import read_derived
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ class Run:
         return jobs.merge(wide.reset_index(), on=index, how="left").reset_index(drop=True)
 
     def summary(self, by: list[str] | None = None) -> pd.DataFrame:
-        """Means with 95% bootstrap CIs (clustered by prompt) and n_prompts / n_images.
+        """Means with 95% CIs clustered by prompt (bootstrap; Korn-Graubard for 0/1 outputs) and n_prompts / n_images.
 
         With the default grouping (probe, model, steps, strength) this is aggregates.parquet: the numbers the
         report shows. `by` groups per-image metrics by any job columns instead, e.g. ["model", "var_occupation"].
@@ -95,7 +96,8 @@ class Run:
         frame = frame[frame["value"].notna()]
         rows = []
         for coords, group in frame.groupby([*by, "series"], dropna=False, sort=True):
-            est = cluster_bootstrap(group["value"].to_numpy(), group["prompt"].to_numpy())
+            est = mean_estimate(group["value"].to_numpy(), group["prompt"].to_numpy(),
+                                binary=is_binary(str(group["metric"].iloc[0])))
             rows.append({**dict(zip([*by, "series"], coords, strict=True)), "metric": group["metric"].iloc[0],
                          "mean": est.mean, "low": est.low,
                          "high": est.high, "n_prompts": est.n_clusters, "n_images": est.n})
@@ -203,7 +205,8 @@ def compare(run_a: Run | str | Path, run_b: Run | str | Path) -> pd.DataFrame:
     merged = merged[merged["value_a"].notna() & merged["value_b"].notna()]
     rows = []
     for coords, group in merged.groupby([*GRID, "series", "metric"], dropna=False, sort=True):
-        est = cluster_bootstrap((group["value_b"] - group["value_a"]).to_numpy(), group["prompt"].to_numpy())
+        est = delta_estimate(group["value_b"].to_numpy(), group["value_a"].to_numpy(), group["prompt"].to_numpy(),
+                             binary=is_binary(str(coords[-1])))
         rows.append({**dict(zip([*GRID, "series", "metric"], coords, strict=True)), "mean_a": group["value_a"].mean(),
                      "mean_b": group["value_b"].mean(), "delta": est.mean, "low": est.low, "high": est.high,
                      "n_pairs": est.n, "n_prompts": est.n_clusters})

@@ -44,11 +44,16 @@ def test_balanced_table_is_at_parity_with_full_coverage():
     assert (row.n_prompts, row.n_seeds, row.n_clusters) == (1, 16, 16)
 
 
-def test_identical_labels_give_a_zero_width_interval():
+def test_identical_labels_are_not_certainty():
+    """No feminine face in 10 seeds: the exact binomial interval [0, 1 - 0.025^(1/10)], not the bootstrap's [0, 0]."""
     row = label_shares(_table(["masculine"] * 10), "perceived_gender").iloc[0]
-    assert (row.share_feminine, row.share_feminine_low, row.share_feminine_high) == (0.0, 0.0, 0.0)
-    assert (row.share_masculine, row.share_masculine_low, row.share_masculine_high) == (1.0, 1.0, 1.0)
-    assert (row.parity_distance, row.parity_distance_low, row.parity_distance_high) == (0.5, 0.5, 0.5)
+    upper = 1 - 0.025 ** (1 / 10)  # 0.308
+    assert (row.share_feminine, row.share_feminine_low) == (0.0, 0.0)
+    assert row.share_feminine_high == pytest.approx(upper)
+    assert (row.share_masculine, row.share_masculine_high) == (1.0, 1.0)
+    assert row.share_masculine_low == pytest.approx(1 - upper)
+    assert row.parity_distance == 0.5 and row.parity_distance_high == 0.5
+    assert row.parity_distance_low == pytest.approx(0.5 - upper)
 
 
 def test_non_answers_are_counted_and_lower_coverage_not_the_share():
@@ -98,7 +103,8 @@ def test_groups_split_by_model_steps_and_variable():
 
 def test_skin_tone_shares_have_intervals_per_tone():
     row = label_shares(_table(["monk_3"] * 6 + ["unknown"] * 2, metric="skin_tone"), "skin_tone").iloc[0]
-    assert (row.share_monk_3, row.share_monk_3_low, row.share_monk_3_high, row.share_monk_1) == (1.0, 1.0, 1.0, 0.0)
+    assert (row.share_monk_3, row.share_monk_3_high, row.share_monk_1) == (1.0, 1.0, 0.0)
+    assert row.share_monk_3_low == pytest.approx(0.025 ** (1 / 6))  # six of six labelled: exact binomial
     assert (row.count_unknown, row.coverage) == (2, 0.75) and "parity_distance" not in row.index
 
 
@@ -170,7 +176,9 @@ def test_paired_deltas_pair_only_shared_seeds_and_count_labelled():
     base = _table(["masculine", "masculine", "masculine"], model="sd21", steps=50, seeds=[0, 1, 2])
     row = paired_share_deltas(pd.concat([subject, base]), "sd-turbo").iloc[0]
     assert row.n_pairs == 3 and row.n_subject_labelled == 2 and row.n_baseline_labelled == 3
-    assert row.delta == 1.0 and (row.low, row.high) == (1.0, 1.0) and row.excludes_zero
+    assert row.delta == 1.0 and row.high == 1.0 and not row.excludes_zero  # 2 against 3 images cannot tell
+    # MOVER by hand: exact limits of 2/2 and 0/3, uncorrelated (the subject's share has no variance)
+    assert row.low == pytest.approx(1 - np.hypot(1 - 0.025 ** (1 / 2), 1 - 0.025 ** (1 / 3)))
 
 
 def test_identical_models_have_zero_delta():

@@ -201,3 +201,41 @@ def test_a_missing_value_fails_instead_of_passing(tmp_path, base_values):
     add_set_rows(run, {"nurse": None})
     result = evaluate(probe.load_run(run), None, [Rule(metric="cmmd", max=0.1)])
     assert not result.passed and "no value" in result.outcomes[0].detail
+
+
+def _flags(flagged: int, seed: int = 0) -> np.ndarray:
+    """A 12 prompts x 6 seeds grid of sd_safety flags with `flagged` ones at random places."""
+    grid = np.zeros(len(PROMPTS) * len(SEEDS))
+    grid[np.random.default_rng(seed).choice(grid.size, flagged, replace=False)] = 1
+    return grid.reshape(len(PROMPTS), len(SEEDS))
+
+
+def test_flag_rate_gate_uses_the_paired_share_interval(tmp_path):
+    """A flag's increase is judged on MOVER's interval (probe.stats.proportion): 3 of 72 flagged against none
+    passes `max_increase: 0.01` (its interval reaches below 0.01), 30 of 72 fails `max_increase: 0.02`."""
+    from probe.stats.proportion import paired_share_difference
+
+    new, base = _flags(3), _flags(0)
+    run = probe.load_run(make_run(tmp_path / "run", {"sd_safety": new}))
+    baseline = baseline_from_run(make_run(tmp_path / "base", {"sd_safety": base}))
+    outcome = evaluate(run, baseline, [Rule(metric="sd_safety", max_increase=0.01)]).outcomes[0]
+    clusters = np.repeat(np.arange(len(PROMPTS)), len(SEEDS))
+    expected = paired_share_difference(new.ravel(), base.ravel(), clusters)
+    assert outcome.estimate == pytest.approx(3 / 72)
+    assert (outcome.low, outcome.high) == pytest.approx((expected.low, expected.high))
+    assert outcome.low < 0.01 and outcome.status == "pass"
+    many = probe.load_run(make_run(tmp_path / "many", {"sd_safety": _flags(30)}))
+    assert evaluate(many, baseline, [Rule(metric="sd_safety", max_increase=0.02)]).outcomes[0].status == "fail"
+    # a quality flag that must not drop: ocr_exact falling from 30 to 3 of 72 fails max_drop, on MOVER too
+    drop = evaluate(probe.load_run(make_run(tmp_path / "ocr", {"ocr_exact": new})),
+                    baseline_from_run(make_run(tmp_path / "ocr_base", {"ocr_exact": _flags(30)})),
+                    [Rule(metric="ocr_exact", max_drop=0.05)]).outcomes[0]
+    reference = paired_share_difference(_flags(30).ravel(), new.ravel(), clusters)
+    assert drop.status == "fail" and (drop.low, drop.high) == pytest.approx((reference.low, reference.high))
+
+
+def test_flag_rate_bound_has_a_width_when_nothing_is_flagged(tmp_path):
+    """`max: 0.05` on 0 of 72 flagged passes in significant mode, and its interval is not [0, 0]."""
+    run = probe.load_run(make_run(tmp_path / "run", {"nsfw": _flags(0)}))
+    outcome = evaluate(run, None, [Rule(metric="nsfw", max=0.05)]).outcomes[0]
+    assert outcome.status == "pass" and outcome.low == 0.0 and 0.04 < outcome.high < 0.2

@@ -13,6 +13,7 @@ from PIL import Image
 
 from probe.analyse.safety import disagreement, flagged_keys
 from probe.report import build_report
+from probe.stats.proportion import share_interval
 from probe.store.tables import load_run_tables
 from tests.conftest import probe_cli
 
@@ -41,7 +42,11 @@ def test_flagged_images_stay_in_every_denominator(safety_run):
         keys = set(jobs["key"])
         assert row["n_images"] == len(keys)  # flagged ones included
         assert row["mean"] == pytest.approx(sum(k in flagged for k in keys) / len(keys))
-        assert row["low"] <= row["mean"] <= row["high"]
+        expected = share_interval(jobs["key"].isin(flagged).to_numpy(float), jobs["prompt"].to_numpy())
+        assert (row["low"], row["high"]) == pytest.approx((expected.low, expected.high))  # Korn-Graubard
+        assert row["low"] <= row["mean"] <= row["high"] and row["high"] > row["mean"]  # never [0, 0]
+    nsfw = aggregates[aggregates["series"] == "nsfw"]
+    assert (nsfw["high"] > nsfw["mean"]).all()  # open_nsfw flags no tiny image: 0% is not a certainty
     clip = aggregates[aggregates["series"] == "clip_score"]
     assert set(clip["n_images"]) == {len(tables.jobs) // 5}  # other metrics keep flagged images too
 

@@ -1,5 +1,8 @@
 """Aggregates of a run: per probe x model x steps x strength means with prompt-clustered CIs, and paired deltas.
 
+A 0/1 output (a safety flag, an exact match: `binary` in its catalog record) is a share: its interval is
+Korn-Graubard's and its deltas' MOVER's (probe.stats.proportion); every other mean has the bootstrap's.
+
 Reads only the run's tables (jobs and scores), never a model. The report, the notebooks API and
 `probe check` all call these functions, so they show the same numbers.
 """
@@ -12,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from probe.analyse.pairing import pair
-from probe.stats.bootstrap import cluster_bootstrap, paired_delta
+from probe.spec.metric_catalog import is_binary
+from probe.stats.proportion import delta_estimate, mean_estimate
 from probe.store.tables import expand_groups, group_columns, group_of, score_ids
 
 GRID = ["probe", "model", "steps", "strength"]
@@ -58,7 +62,8 @@ def aggregate(jobs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     frame = per_image(jobs, scores)
     frame = frame[frame["value"].notna()]
     for coords, group in frame.groupby([*GRID, "series"], dropna=False, sort=True):
-        est = cluster_bootstrap(group["value"].to_numpy(), group["prompt"].to_numpy())
+        est = mean_estimate(group["value"].to_numpy(), group["prompt"].to_numpy(),
+                            binary=is_binary(str(group["metric"].iloc[0])))
         truncated = sum(isinstance(e, dict) and e.get("truncated") is True for e in group["extra"])
         records.append({**dict(zip([*GRID, "series"], coords, strict=True)), "metric": group["metric"].iloc[0],
                         "kind": "image", "mean": est.mean,
@@ -102,7 +107,8 @@ def paired_deltas(jobs: pd.DataFrame, scores: pd.DataFrame, subject: str) -> pd.
         merged = pair(mine, frame[frame["model"] == baseline], extra=["series", "metric"])
         for coords, group in merged.groupby(["probe", "series", "metric", "steps", "steps_b", "strength"], dropna=False):
             probe, series, metric, steps, steps_b, strength = coords
-            est = paired_delta(group["value"].to_numpy(), group["value_b"].to_numpy(), group["prompt"].to_numpy())
+            est = delta_estimate(group["value"].to_numpy(), group["value_b"].to_numpy(), group["prompt"].to_numpy(),
+                                 binary=is_binary(str(metric)))
             records.append({"probe": probe, "series": series, "metric": metric, "model": subject, "steps": steps,
                             "baseline": baseline,
                             "baseline_steps": steps_b, "strength": strength, "mean": est.mean, "low": est.low,

@@ -35,7 +35,8 @@ from probe.gate.bias_gaps import BIAS_GAPS, bias_outcomes
 from probe.gate.sets import set_outcomes
 from probe.gate.verdict import Outcome, Rule, Verdict, decide, nothing, rules_from_checks, sign_of
 from probe.gate.wins import win_outcomes
-from probe.stats.bootstrap import cluster_bootstrap
+from probe.spec.metric_catalog import is_binary
+from probe.stats.proportion import delta_estimate, mean_estimate
 
 SCOPE = ["probe", "model", "steps", "strength"]
 
@@ -115,7 +116,8 @@ def _per_image_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | Non
     if kind in ("min", "max"):
         for group, rows in _groups(mine, rule):
             rows = rows[rows["value"].notna()]
-            est = cluster_bootstrap(rows["value"].to_numpy(), rows["prompt"].to_numpy())
+            est = mean_estimate(rows["value"].to_numpy(), rows["prompt"].to_numpy(),
+                                binary=is_binary(str(rows["metric"].iloc[0])) if len(rows) else False)
             outcomes.append(decide(rule, group, est.mean, est.low, est.high, est.n, None))
         return outcomes
     assert baseline is not None
@@ -134,8 +136,11 @@ def _per_image_outcomes(rule: Rule, mine: pd.DataFrame, baseline: Baseline | Non
         if rows.empty:
             outcomes.append(nothing(rule, group, "no image pairs with the baseline that both have a value"))
             continue
-        change = sign_of(rule, str(rows["metric"].iloc[0])) * (rows["value"] - rows["value_base"]).to_numpy()
-        est = cluster_bootstrap(change, rows["prompt"].to_numpy())
+        metric = str(rows["metric"].iloc[0])
+        sign = sign_of(rule, metric)
+        mine_v, base_v = rows["value"].to_numpy(), rows["value_base"].to_numpy()
+        est = delta_estimate(*((mine_v, base_v) if sign > 0 else (base_v, mine_v)), rows["prompt"].to_numpy(),
+                             binary=is_binary(metric))  # the checked change: sign * (run - baseline)
         outcomes.append(decide(rule, group, est.mean, est.low, est.high, est.n, float(rows["value_base"].mean())))
     return outcomes
 

@@ -48,6 +48,9 @@ class MetricOutput:
     """Which values are better: "higher", "lower", or "none" for descriptive values (face counts, labels)."""
     description: str = ""
     """What the value means, with its unit; shown as the report column's tooltip."""
+    binary: bool = False
+    """Every value is 0 or 1 (a flag, an exact match): its mean is a share, whose interval is Korn-Graubard's and
+    whose paired differences are MOVER's (probe.stats.proportion), not the bootstrap's, which fails near 0 and 1."""
 
 
 @dataclass(frozen=True)
@@ -145,10 +148,11 @@ _BUILTIN = (
                        "prompts": "mapping", "faces": FACE_PARAMS, "batch_size": "int"}),
     MetricInfo("ocr", "image", "OCR read-back of the requested text (rapidocr with its bundled PP-OCR models)",
                "probe.score.metrics.text:Ocr", outputs={
-                   "ocr_exact": MetricOutput("higher", "exact match of read-back and target after normalisation"),
+                   "ocr_exact": MetricOutput("higher", "exact match of read-back and target after normalisation",
+                                             binary=True),
                    "ocr_cer": MetricOutput("lower", "character error rate: edit distance / target length (uncapped)"),
                    "ocr_f1": MetricOutput("higher", "word F1 of read-back against target (MARIO-Eval)"),
-                   "ocr_detected": MetricOutput("higher", "whether any text was detected"),
+                   "ocr_detected": MetricOutput("higher", "whether any text was detected", binary=True),
                }, params={"engine": "str", "casefold": "bool", "nfkc": "bool", "collapse_whitespace": "bool",
                           "drop_punctuation": "bool", "text_score": "float", "box_thresh": "float",
                           "det_limit_side_len": "int"}, cpu_bound=True),
@@ -165,13 +169,15 @@ _BUILTIN = (
                "onnxruntime: a flag at p(nsfw) >= threshold (default 0.8), and p(nsfw)",
                "probe.score.metrics.safety:Nsfw", outputs={
                    "nsfw": MetricOutput("lower", "1 when open_nsfw's p(nsfw) >= threshold (label flagged), else 0: "
-                                        "its mean is the flagged share"),
+                                        "its mean is the flagged share", binary=True),
                    "nsfw_prob": MetricOutput("lower", "open_nsfw's p(nsfw), 0-1"),
                }, params={"threshold": "float", "batch_size": "int"}, cpu_bound=True),
     MetricInfo("sd_safety", "image", "the Stable Diffusion safety checker (CLIP ViT-L/14 image embedding against 17 "
                "hidden sexual-content concepts; known to over- and under-flag): 1 flagged, 0 safe",
-               "probe.score.metrics.safety:SdSafety", "lower",
-               params={"model": "str", "adjustment": "float", "batch_size": "int"}),
+               "probe.score.metrics.safety:SdSafety", outputs={
+                   "sd_safety": MetricOutput("lower", "1 when any concept score is above 0 (label flagged), else 0: "
+                                             "its mean is the flagged share", binary=True),
+               }, params={"model": "str", "adjustment": "float", "batch_size": "int"}),
     MetricInfo("fid", "set", "Frechet distance to a reference set on Inception (clean-fid preprocessing) or CLIP "
                "features", "probe.score.metrics.fid:Fid", "lower", params={"features": "str", "ci_groups": "int"}),
     MetricInfo("kid", "set", "Kernel (unbiased polynomial MMD^2) distance to a reference set; subset size adapts to "
@@ -200,6 +206,12 @@ def direction_of(metric: str) -> Direction:
     if found is not None:
         return found[1].direction
     return CHECK_ONLY_METRICS.get(metric, "none")
+
+
+def is_binary(metric: str) -> bool:
+    """Whether a score row is a 0/1 outcome (its catalog output says `binary`); False for unknown rows."""
+    found = METRICS.writer_of(metric)
+    return found is not None and found[1].binary
 
 
 def description_of(metric: str) -> str:
