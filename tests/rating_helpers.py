@@ -47,7 +47,7 @@ def new_study(run_dir: Path, questions=("quality",), pairs: int = 10, attention:
     from probe.store.tables import load_run_tables
 
     jobs = load_run_tables(run_dir).jobs
-    store, study, _ = create_study(run_dir, jobs, parse_config("tiny", jobs), parse_config("tiny-cfg", jobs),
+    store, study, *_ = create_study(run_dir, jobs, parse_config("tiny", jobs), parse_config("tiny-cfg", jobs),
                                    list(questions), pairs, seed, open_study, study_id, attention)
     links = [] if open_study else ensure_raters(store, study, raters, [])
     return store, study, links

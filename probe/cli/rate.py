@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -11,6 +11,9 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from probe.errors import ProbeError
+
+if TYPE_CHECKING:
+    from probe.store.votes import Study, VoteStore
 
 out = Console()
 err = Console(stderr=True)
@@ -60,8 +63,13 @@ def serve(
     study: Annotated[str | None, typer.Option(help="Study name (default SUBJECT-vs-BASELINE).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback warns.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8765,
+    include_flagged: Annotated[bool, typer.Option(
+        "--include-flagged", help="Also draw pairs with an image a safety detector (nsfw, sd_safety) flagged; the "
+                                  "rating page then shows a content warning. Default: such pairs are left out.")
+    ] = False,
 ) -> None:
     """Create (or resume) a study and serve it until Ctrl-C; the same command later resumes it."""
+    from probe.analyse.safety import flagged_keys
     from probe.rate.serve import ensure_raters
     from probe.rate.serve import serve as serve_study
     from probe.rate.study import create_study, parse_config
@@ -70,18 +78,14 @@ def serve(
     try:
         if compare is None:
             raise ProbeError("--compare SUBJECT BASELINE is required (e.g. --compare sd-turbo@1 lcm-lora-sdxl@4)")
-        jobs = load_run_tables(run_dir, "probe rate").jobs
+        tables = load_run_tables(run_dir, "probe rate")
+        jobs, flagged = tables.jobs, set(flagged_keys(tables.jobs, tables.scores))
         subject, baseline = parse_config(compare[0], jobs), parse_config(compare[1], jobs)
-        store, found, created = create_study(run_dir, jobs, subject, baseline, question or ["quality"], pairs, seed,
-                                             open_study, study, attention)
+        store, found, created, left_out = create_study(run_dir, jobs, subject, baseline, question or ["quality"],
+                                                       pairs, seed, open_study, study, attention, flagged,
+                                                       include_flagged)
         links = [] if found.open else ensure_raters(store, found, raters, rater or [])
-        kinds = [p.kind for p in store.pairs(found.id)]
-        n_pairs, n_checks = kinds.count("pair"), kinds.count("attention")
-        short = f" (the run has only {n_pairs})" if n_pairs < pairs else ""
-        verb = "created" if created else "resumed"
-        out.print(f"study {escape(found.id)} {verb}: {escape(found.subject)} vs {escape(found.baseline)}, "
-                  f"{n_pairs} pairs{short} and {n_checks} attention checks x {len(found.questions)} question(s); "
-                  f"votes in {escape(str(store.path))}", highlight=False, soft_wrap=True)
+        _say_started(store, found, created, left_out, flagged, pairs)
 
         def announce(served: Any) -> None:
             if found.open:
@@ -91,12 +95,33 @@ def serve(
             out.print("serving; Ctrl-C stops (every acknowledged vote is already saved)", highlight=False)
 
         try:
-            serve_study(run_dir, found, links, host, port, announce)
+            serve_study(run_dir, found, links, host, port, announce, flagged)
         except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then re-raises the signal: a clean stop
             pass
     except ProbeError as exc:
         raise _fail(exc) from None
     out.print("stopped", highlight=False)
+
+
+def _say_started(store: VoteStore, found: Study, created: bool, left_out: int, flagged: set[str], asked: int) -> None:
+    """What the study holds, what it left out (also when resumed: the same run, the same pairs left out), and
+    whether raters will see images a safety detector flagged."""
+    kinds = [p.kind for p in store.pairs(found.id)]
+    n_pairs, n_checks = kinds.count("pair"), kinds.count("attention")
+    short = "" if n_pairs >= asked else (f" (only {n_pairs} without a flagged image)" if left_out
+                                         else f" (the run has only {n_pairs})")
+    verb = "created" if created else "resumed"
+    out.print(f"study {escape(found.id)} {verb}: {escape(found.subject)} vs {escape(found.baseline)}, "
+              f"{n_pairs} pairs{short} and {n_checks} attention checks x {len(found.questions)} question(s); "
+              f"votes in {escape(str(store.path))}", highlight=False, soft_wrap=True)
+    if left_out:
+        out.print(f"left out {left_out} pair(s) with an image a safety detector flagged: the study's win rates are "
+                  "over the other pairs; --include-flagged (a new --study) shows them behind a content warning",
+                  highlight=False, soft_wrap=True)
+    shown = len(flagged & {k for p in store.pairs(found.id) for k in (p.a_key, p.b_key)})
+    if shown:
+        out.print(f"[bold yellow]warning:[/] {shown} image(s) of this study were flagged by a safety detector; "
+                  "raters see a content warning", highlight=False, soft_wrap=True)
 
 
 @rate_app.command("export")

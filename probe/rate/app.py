@@ -11,7 +11,8 @@ Who may do what:
   answers), must carry the rater's CSRF value (an HMAC of the token under the study's secret) in X-Probe-CSRF,
   and a present Origin must be this server's own;
 - Host headers are checked (TrustedHostMiddleware), so a DNS-rebinding page cannot reach a loopback server;
-- pages send a Content-Security-Policy that allows nothing remote, and no Referer (links carry tokens).
+- pages send a Content-Security-Policy that allows nothing remote, and no Referer (links carry tokens);
+- a study that includes images a safety detector flagged says so on every rater's page before any image.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +66,15 @@ def join_value(study: Study) -> str:
 class Rating:
     """What the routes share: the store, the study's pairs (fixed once created) and the page templates."""
 
-    def __init__(self, run_dir: Path, study_id: str) -> None:
+    def __init__(self, run_dir: Path, study_id: str, flagged: Collection[str] = ()) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.store = VoteStore(self.run_dir)
         self.study = self.store.study(study_id)
         self.pairs = {p.pair: p for p in self.store.pairs(study_id)}
         self.images = {key: path for p in self.pairs.values() for key, path in ((p.a_key, p.a_path),
                                                                                  (p.b_key, p.b_path))}
+        self.n_flagged = len(set(flagged) & set(self.images))
+        """Images of the study a safety detector flagged (a study that includes them): the pages warn raters."""
         self.templates = Environment(loader=PackageLoader("probe.rate", "templates"),
                                      autoescape=select_autoescape(default=True))
 
@@ -105,9 +109,9 @@ class Rating:
         return path
 
 
-def create_app(run_dir: Path, study_id: str, allowed_hosts: list[str]) -> FastAPI:
-    """The app for one study of one run folder."""
-    rating = Rating(run_dir, study_id)
+def create_app(run_dir: Path, study_id: str, allowed_hosts: list[str], flagged: Collection[str] = ()) -> FastAPI:
+    """The app for one study of one run folder; `flagged`: the run's image keys a safety detector flagged."""
+    rating = Rating(run_dir, study_id, flagged)
     app = FastAPI(title="probe rate", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.mount("/static", StaticFiles(packages=[("probe.rate", "static")]), name="static")
@@ -124,7 +128,8 @@ def create_app(run_dir: Path, study_id: str, allowed_hosts: list[str]) -> FastAP
         return response
 
     def page(name: str, **context: Any) -> HTMLResponse:
-        return HTMLResponse(rating.templates.get_template(name).render(study=rating.study, **context))
+        return HTMLResponse(rating.templates.get_template(name).render(study=rating.study,
+                                                                       n_flagged=rating.n_flagged, **context))
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:

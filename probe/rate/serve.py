@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +75,9 @@ def allowed_hosts(host: str) -> list[str]:
 
 
 def serve(run_dir: Path, study: Study, links: list[tuple[str, str]], host: str, port: int,
-          announce: Callable[[Served], None]) -> None:
-    """Serve until Ctrl-C (uvicorn finishes the requests in flight, so no acknowledged vote is lost)."""
+          announce: Callable[[Served], None], flagged: Collection[str] = ()) -> None:
+    """Serve until Ctrl-C (uvicorn finishes the requests in flight, so no acknowledged vote is lost); pages warn of
+    the study's images among `flagged` (keys a safety detector flagged)."""
     import uvicorn
 
     from probe.rate.app import create_app
@@ -88,7 +89,7 @@ def serve(run_dir: Path, study: Study, links: list[tuple[str, str]], host: str, 
     shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host  # noqa: S104 - links others can open
     shown_host = shown_host if ":" not in shown_host else f"[{shown_host}]"
     url = f"http://{shown_host}:{bound}"
-    app = create_app(run_dir, study.id, allowed_hosts(host))
+    app = create_app(run_dir, study.id, allowed_hosts(host), flagged)
     announce(Served(url, [(rater, f"{url}/r/{token}") for rater, token in links]))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -4,7 +4,8 @@ Pairs are the run's own pairs (probe.analyse.pairing: same prompt, target text, 
 image) of two configurations, drawn with the study's seed, one per prompt before any prompt gets a second.
 Attention checks are an image against a clearly degraded copy of itself (downsampled, blurred, washed out):
 anyone paying attention picks the original, for either question. The degraded copies are written into the study's
-folder; every path stays inside the run folder.
+folder; every path stays inside the run folder. Pairs with an image a safety detector flagged (nsfw, sd_safety)
+are left out of the draw unless the study includes them, and then the page warns raters first.
 
 Task order and sides are not stored per rater: both follow from the study's seed and the rater's name
 (`task_order`, `left_is_a`), so a restarted server shows a returning rater the same page, and the `shown` table
@@ -18,9 +19,10 @@ import io
 import random
 import re
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -103,10 +105,29 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "study"
 
 
+class Started(NamedTuple):
+    """What `create_study` found or made."""
+
+    store: VoteStore
+    study: Study
+    created: bool
+    """True when the study was created now, False when an existing one with these settings is resumed."""
+    left_out: int
+    """Pairs of the two configurations left out of the draw because a safety detector flagged one of the images."""
+
+
+LEGACY = {"include_flagged": True}
+"""Settings of studies made before the setting existed: they showed every image."""
+
+
 def create_study(run_dir: Path, jobs: pd.DataFrame, subject: Config, baseline: Config, questions: list[str],
                  n_pairs: int, seed: int, open_study: bool, study_id: str | None = None,
-                 attention: int | None = None) -> tuple[VoteStore, Study, bool]:
-    """The study (created, or the existing one with these settings); True when it was created now.
+                 attention: int | None = None, flagged: Collection[str] = (),
+                 include_flagged: bool = False) -> Started:
+    """The study (created, or the existing one with these settings).
+
+    Pairs with an image in `flagged` (image keys a safety detector flagged) are left out of the draw unless
+    `include_flagged`: raters are not shown possibly unsafe images they did not agree to see.
 
     Raises:
         UsageError: unknown question, no pairs, or a study of that name with other settings.
@@ -118,28 +139,33 @@ def create_study(run_dir: Path, jobs: pd.DataFrame, subject: Config, baseline: C
         raise UsageError(f"--compare: subject and baseline are both {subject}; compare two configurations")
     questions = list(dict.fromkeys(questions))
     definition = {"subject": str(subject), "baseline": str(baseline), "questions": questions, "pairs": n_pairs,
-                  "attention": attention, "seed": seed, "open": open_study}
+                  "attention": attention, "seed": seed, "open": open_study, "include_flagged": include_flagged}
+    merged = paired_images(jobs, subject, baseline)
+    unsafe = merged["key"].isin(set(flagged)) | merged["key_b"].isin(set(flagged))
+    left_out = 0 if include_flagged else int(unsafe.sum())
     store = VoteStore(run_dir, create=True)
     name = study_id or slug(f"{subject}-vs-{baseline}")
     existing = {s.id: s for s in store.studies()}
     if name in existing:
-        if existing[name].definition != definition:
-            stored = existing[name].definition
-            differ = "; ".join(f"{k}: {stored.get(k)} there, {definition[k]} here" for k in sorted(definition)
-                               if stored.get(k) != definition[k])
+        stored = {**LEGACY, **existing[name].definition}
+        differ = "; ".join(f"{k}: {stored.get(k)} there, {definition[k]} here" for k in sorted(definition)
+                           if stored.get(k) != definition[k])
+        if differ:
             raise UsageError(f"study {name!r} already exists in {run_dir} with other settings ({differ}); resume it "
                              "with its own options, or start another with --study NAME")
-        return store, existing[name], False
-    merged = paired_images(jobs, subject, baseline)
+        return Started(store, existing[name], False, left_out)
     if merged.empty:
         raise UsageError(f"--compare {subject} {baseline}: the run has no pairs of these two (same prompt and seed)")
-    chosen = draw(merged, n_pairs, seed)
+    if not include_flagged and unsafe.all():
+        raise UsageError(f"--compare {subject} {baseline}: every pair ({len(merged)}) has an image a safety detector "
+                         "flagged; --include-flagged shows them to raters, behind a content warning")
+    chosen = draw(merged if include_flagged else merged[~unsafe], n_pairs, seed)
     n_attention = max(1, round(len(chosen) * ATTENTION_SHARE)) if attention is None else attention
     pairs, items = _pairs(run_dir, name, chosen, n_attention, seed)
     study = Study(name, str(subject), str(baseline), tuple(questions), seed, open_study, secrets.token_hex(16),
                   definition)
     store.add_study(study, pairs, items)
-    return store, study, True
+    return Started(store, study, True, left_out)
 
 
 def _pairs(run_dir: Path, study_id: str, chosen: pd.DataFrame, n_attention: int,
