@@ -318,8 +318,7 @@ def _paired_share(group: pd.DataFrame, cluster: str | None, n_resamples: int, co
     with np.errstate(invalid="ignore", divide="ignore"):
         total = per_cluster.sum(axis=0)
         subject_share, baseline_share = total[0] / total[1], total[2] / total[3]
-    _, low, high = share_difference(*per_cluster.T, confidence=confidence)
-    delta = float(subject_share - baseline_share)
+    delta, low, high = share_difference(*per_cluster.T, confidence=confidence)
     return {"subject_share": float(subject_share), "baseline_share": float(baseline_share), "delta": delta,
             "low": low, "high": high, "n_pairs": len(group), "n_subject_labelled": int(total[1]),
             "n_baseline_labelled": int(total[3]), "n_clusters": len(per_cluster),

@@ -106,7 +106,10 @@ def serve(
 def _say_started(store: VoteStore, found: Study, created: bool, left_out: int, flagged: set[str], asked: int) -> None:
     """What the study holds, what it left out (also when resumed: the same run, the same pairs left out), and
     whether raters will see images a safety detector flagged."""
-    kinds = [p.kind for p in store.pairs(found.id)]
+    from probe.rate.study import flagged_shown
+
+    stored = store.pairs(found.id)
+    kinds = [p.kind for p in stored]
     n_pairs, n_checks = kinds.count("pair"), kinds.count("attention")
     short = "" if n_pairs >= asked else (f" (only {n_pairs} without a flagged image)" if left_out
                                          else f" (the run has only {n_pairs})")
@@ -118,7 +121,7 @@ def _say_started(store: VoteStore, found: Study, created: bool, left_out: int, f
         out.print(f"left out {left_out} pair(s) with an image a safety detector flagged: the study's win rates are "
                   "over the other pairs; --include-flagged (a new --study) shows them behind a content warning",
                   highlight=False, soft_wrap=True)
-    shown = len(flagged & {k for p in store.pairs(found.id) for k in (p.a_key, p.b_key)})
+    shown = flagged_shown(stored, flagged)
     if shown:
         out.print(f"[bold yellow]warning:[/] {shown} image(s) of this study were flagged by a safety detector; "
                   "raters see a content warning", highlight=False, soft_wrap=True)

@@ -31,7 +31,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from probe.rate.study import QUESTIONS, left_is_a, task_order
+from probe.rate.study import QUESTIONS, flagged_shown, left_is_a, task_order
 from probe.store.votes import Study, VoteStore
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -73,7 +73,7 @@ class Rating:
         self.pairs = {p.pair: p for p in self.store.pairs(study_id)}
         self.images = {key: path for p in self.pairs.values() for key, path in ((p.a_key, p.a_path),
                                                                                  (p.b_key, p.b_path))}
-        self.n_flagged = len(set(flagged) & set(self.images))
+        self.n_flagged = flagged_shown(self.pairs.values(), flagged)
         """Images of the study a safety detector flagged (a study that includes them): the pages warn raters."""
         self.templates = Environment(loader=PackageLoader("probe.rate", "templates"),
                                      autoescape=select_autoescape(default=True))

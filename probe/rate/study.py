@@ -19,7 +19,7 @@ import io
 import random
 import re
 import secrets
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -141,7 +141,8 @@ def create_study(run_dir: Path, jobs: pd.DataFrame, subject: Config, baseline: C
     definition = {"subject": str(subject), "baseline": str(baseline), "questions": questions, "pairs": n_pairs,
                   "attention": attention, "seed": seed, "open": open_study, "include_flagged": include_flagged}
     merged = paired_images(jobs, subject, baseline)
-    unsafe = merged["key"].isin(set(flagged)) | merged["key_b"].isin(set(flagged))
+    flagged = set(flagged)
+    unsafe = merged["key"].isin(flagged) | merged["key_b"].isin(flagged)
     left_out = 0 if include_flagged else int(unsafe.sum())
     store = VoteStore(run_dir, create=True)
     name = study_id or slug(f"{subject}-vs-{baseline}")
@@ -187,6 +188,11 @@ def _pairs(run_dir: Path, study_id: str, chosen: pd.DataFrame, n_attention: int,
                           str(folder / f"{degraded_key}.png")))
         items.append({"attention_of": key})
     return pairs, items
+
+
+def flagged_shown(pairs: Iterable[Pair], flagged: Collection[str]) -> int:
+    """How many distinct images of these pairs a safety detector flagged (what the rater pages warn of)."""
+    return len({key for p in pairs for key in (p.a_key, p.b_key)} & set(flagged))
 
 
 def task_order(study: Study, rater: str, pairs: list[Pair]) -> list[tuple[int, str]]:

@@ -94,13 +94,24 @@ def cluster_bootstrap(
     return Estimate(mean, float(low), float(high), k, len(values))
 
 
+def cluster_sums(values: np.ndarray, clusters: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of values, observations) per cluster, NaNs dropped with their labels; None: each value its own."""
+    values = np.asarray(values, dtype=float)
+    labels = np.arange(len(values)) if clusters is None else np.asarray(clusters)
+    keep = ~np.isnan(values)
+    return _sums_by_label(values[keep], labels[keep])
+
+
+def _sums_by_label(values: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    _, inverse = np.unique(labels, return_inverse=True)
+    return np.bincount(inverse, weights=values), np.bincount(inverse).astype(float)
+
+
 def cluster_replicates(values: np.ndarray, labels: np.ndarray, *, n_resamples: int = N_RESAMPLES,
                        seed: int = 0) -> tuple[np.ndarray | None, int]:
     """Bootstrap means of `values` resampling whole clusters (`labels`), and the cluster count; None for the
     replicates with fewer than two clusters."""
-    _, inverse = np.unique(labels, return_inverse=True)
-    sums = np.bincount(inverse, weights=values)
-    counts = np.bincount(inverse).astype(float)
+    sums, counts = _sums_by_label(values, labels)
     k = len(sums)
     if k < 2:
         return None, k

@@ -23,22 +23,10 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import beta, t
 
-from probe.stats.bootstrap import CONFIDENCE, Estimate, cluster_bootstrap, paired_delta
+from probe.stats.bootstrap import CONFIDENCE, Estimate, cluster_bootstrap, cluster_sums, paired_delta
 
 
-def cluster_sums(values: np.ndarray, clusters: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(positives, observations) per cluster of 0/1 `values`, NaNs dropped with their labels."""
-    values = np.asarray(values, dtype=float)
-    labels = np.arange(len(values)) if clusters is None else np.asarray(clusters)
-    keep = ~np.isnan(values)
-    values, labels = values[keep], labels[keep]
-    if len(values) == 0:
-        return np.zeros(0), np.zeros(0)
-    _, inverse = np.unique(labels, return_inverse=True)
-    return np.bincount(inverse, weights=values), np.bincount(inverse).astype(float)
-
-
-def is_binary(values: np.ndarray) -> bool:
+def all_zero_one(values: np.ndarray) -> bool:
     """Whether every non-missing value is 0 or 1 (and there is at least one)."""
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
@@ -136,7 +124,7 @@ def paired_share_difference(subject: np.ndarray, baseline: np.ndarray, clusters:
 def mean_estimate(values: np.ndarray, clusters: np.ndarray | None, *, binary: bool) -> Estimate:
     """The mean and interval a table shows: a share's Korn-Graubard interval for a 0/1 output whose values are
     all 0 or 1, the prompt-clustered bootstrap otherwise."""
-    if binary and is_binary(values):
+    if binary and all_zero_one(values):
         return share_interval(values, clusters)
     return cluster_bootstrap(values, clusters)
 
@@ -144,6 +132,6 @@ def mean_estimate(values: np.ndarray, clusters: np.ndarray | None, *, binary: bo
 def delta_estimate(subject: np.ndarray, baseline: np.ndarray, clusters: np.ndarray | None, *,
                    binary: bool) -> Estimate:
     """A paired difference and its interval: MOVER for two 0/1 outputs, the clustered bootstrap otherwise."""
-    if binary and is_binary(subject) and is_binary(baseline):
+    if binary and all_zero_one(subject) and all_zero_one(baseline):
         return paired_share_difference(subject, baseline, clusters)
     return paired_delta(subject, baseline, clusters)
